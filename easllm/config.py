@@ -1,0 +1,49 @@
+"""One flat dataclass per concern; `easllm serve` flags map onto them one to one."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def easllm_home() -> Path:
+    return Path(os.environ.get("EASLLM_HOME") or Path.home() / ".cache" / "easllm")
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """Server-wide defaults for fields a request leaves out."""
+
+    max_new_tokens: int = 2048
+    temperature: float = 0.95
+    top_k: int | None = None
+    top_p: float | None = None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: str = "qwen2.5-0.5b-instruct"
+    engine: str | None = None  # transformers | llamacpp | vllm | fake; None: by model format
+    cpu: bool = False
+    precision: str | None = None  # fp32 | fp16 | bf16; None: by device
+    ctx_size: int = 8192
+    threads: int | None = None
+    max_queue: int = 256
+    max_batch: int = 16  # sequences decoded together (continuous batching)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None
+    service_name: str = "easllm"
+    api_only: bool = False
+    no_api: bool = False
+    max_round: int = 5
+    no_template: bool = False
+    log_level: str = "INFO"
+    export_history_path: Path | None = None
+    export_interval: float = 3600.0
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)

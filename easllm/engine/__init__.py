@@ -1,0 +1,1 @@
+"""Inference engines: the narrow interface every backend fits, and the backends."""

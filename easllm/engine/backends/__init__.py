@@ -1,0 +1,1 @@
+"""Engine backends; each is imported only when chosen (routes never import torch)."""

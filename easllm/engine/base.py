@@ -1,0 +1,38 @@
+"""The one interface every backend fits: routes, WebSocket, WebUI and RAG are written against it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol, runtime_checkable
+
+from easllm.engine.types import EngineHealth, GenerationRequest, ModelInfo, TokenDelta
+
+
+class EngineError(RuntimeError):
+    """A failure inside an engine (model load, decode); the HTTP layer maps it to 500/503."""
+
+
+class EngineOverloaded(EngineError):
+    """The engine's queue is full; the HTTP layer answers 503 with Retry-After."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    @property
+    def model_info(self) -> ModelInfo: ...
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text`, special tokens parsed, no BOS added."""
+        ...
+
+    def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        """Stream the answer; closing the iterator early aborts the request."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def health(self) -> EngineHealth: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...

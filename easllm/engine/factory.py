@@ -1,0 +1,44 @@
+"""Pick and build the backend for a resolved model; heavy imports happen only here, lazily."""
+
+from __future__ import annotations
+
+from easllm.config import EngineConfig
+from easllm.engine.base import Engine
+from easllm.errors import ModelNotFound
+from easllm.models.resolve import ResolvedModel
+
+ENGINES = ("transformers", "llamacpp", "vllm", "fake")
+
+
+class EngineUnavailable(RuntimeError):
+    """The chosen engine cannot run here (not installed, wrong model format)."""
+
+
+def build_engine(config: EngineConfig, model: ResolvedModel | None) -> Engine:
+    name = config.engine or (model.default_engine if model else "fake")
+    if name == "fake":
+        from easllm.engine.backends.fake import FakeEngine
+
+        return FakeEngine(context_length=config.ctx_size, max_queue=config.max_queue)
+    if model is None:
+        raise ModelNotFound("no model given")
+    if name == "llamacpp":
+        if model.format != "gguf":
+            raise EngineUnavailable(f"--engine llamacpp needs a .gguf model; {model.path} is a HF directory")
+        from easllm.engine.backends.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(model.path, config, model.name)
+    if name == "transformers":
+        if model.format != "hf":
+            raise EngineUnavailable(
+                f"--engine transformers needs a Hugging Face directory (config.json); {model.path} is GGUF: "
+                "use --engine llamacpp"
+            )
+        from easllm.engine.backends.transformers import TransformersEngine
+
+        return TransformersEngine(model.path, config, model.name)
+    if name == "vllm":
+        raise EngineUnavailable(
+            "the vLLM engine needs a CUDA GPU and vLLM: pip install 'easllm[vllm]' on a GPU machine"
+        )
+    raise EngineUnavailable(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")

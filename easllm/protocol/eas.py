@@ -1,0 +1,133 @@
+"""The EAS HTTP protocol (SPEC section 2): request parsing and reply/stream chunk shapes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
+
+from easllm.engine.types import FinishReason, Usage
+from easllm.errors import InvalidRequest
+from easllm.protocol.validation import invalid_request_from
+
+log = logging.getLogger(__name__)
+
+Round = tuple[StrictStr, StrictStr]
+
+
+class EasRequest(BaseModel):
+    """One structured request. Sampling fields left as None take the server's defaults."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    prompt: StrictStr = Field("", validation_alias=AliasChoices("prompt", "input_ids"))
+    system_prompt: StrictStr = ""
+    history: list[Round] = []
+    max_new_tokens: int | None = Field(None, ge=1)
+    use_stream_chat: bool | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    do_sample: bool = True
+    use_cache: bool = True
+    stop: list[StrictStr] = Field([], validation_alias=AliasChoices("stop", "stop_sequences"))
+    repetition_penalty: float = Field(1.0, gt=0)
+    seed: int | None = None
+    langchain: bool = False
+    no_template: bool | None = None
+    stream_format: Literal["cumulative", "delta"] = "cumulative"
+
+    @field_validator("history", mode="before")
+    @classmethod
+    def _drop_empty_rounds(cls, value: Any) -> Any:
+        # The published sample's default is [()]: an empty round means "no history".
+        if value is None:
+            return []
+        if isinstance(value, list):
+            return [item for item in value if not (isinstance(item, list | tuple) and not item)]
+        return value
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: list[str]) -> list[str]:
+        if any(s == "" for s in value):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+
+def parse_eas_body(body: bytes, content_type: str | None) -> EasRequest | str:
+    """A JSON object is a structured request; any other body is the prompt itself."""
+    is_json = (content_type or "").split(";")[0].strip().lower() == "application/json"
+    if not body.strip():
+        raise InvalidRequest("the request body is empty: send a prompt or a JSON object", "prompt")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest("the request body is not valid UTF-8", "body") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if is_json:
+            raise InvalidRequest(f"invalid JSON: {exc.msg} at position {exc.pos}", "body") from exc
+        return text
+    if not isinstance(data, dict):
+        if is_json:
+            raise InvalidRequest("the JSON body must be an object", "body")
+        return text
+    return eas_request_from_dict(data)
+
+
+def eas_request_from_dict(data: dict[str, Any]) -> EasRequest:
+    cleaned = {str(key).strip(): value for key, value in data.items()}
+    known = set(EasRequest.model_fields) | {"input_ids", "stop_sequences"}
+    unknown = sorted(set(cleaned) - known)
+    if unknown:
+        log.info("ignoring unknown request fields: %s", ", ".join(unknown))
+    try:
+        req = EasRequest.model_validate(cleaned)
+    except ValidationError as exc:
+        raise invalid_request_from(exc) from exc
+    return req
+
+
+def usage_dict(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def reply(
+    response: str,
+    history: list[tuple[str, str]],
+    usage: Usage | None = None,
+    finish_reason: FinishReason | None = None,
+    sources: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A full reply, or a stream chunk when usage and finish_reason are None."""
+    out: dict[str, Any] = {"response": response, "history": [list(r) for r in history]}
+    if usage is not None:
+        out["usage"] = usage_dict(usage)
+    if finish_reason is not None:
+        out["finish_reason"] = finish_reason.value
+    if sources is not None:
+        out["sources"] = sources
+    return out

@@ -1,0 +1,51 @@
+"""`easllm serve`: resolve the model, build the engine, run the app under uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from easllm.config import EngineConfig, ServerConfig, easllm_home
+from easllm.engine.factory import EngineUnavailable, build_engine
+from easllm.errors import ChecksumMismatch, ModelNotFound
+from easllm.models.resolve import ResolvedModel, resolve_model
+
+log = logging.getLogger("easllm.serve")
+
+
+def _progress(message: str) -> None:
+    print(f"easllm: {message}", file=sys.stderr, flush=True)
+
+
+def serve(server: ServerConfig, engine_config: EngineConfig) -> int:
+    import uvicorn
+
+    from easllm.server.app import create_app
+
+    logging.basicConfig(
+        level=server.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    try:
+        model: ResolvedModel | None = None
+        if engine_config.engine != "fake":
+            _progress(f"resolving model {engine_config.model_path}")
+            model = resolve_model(engine_config.model_path, easllm_home(), _progress)
+            _progress(f"model file: {model.path}")
+        engine = build_engine(engine_config, model)
+    except (ModelNotFound, ChecksumMismatch, EngineUnavailable) as exc:
+        _progress(f"error: {exc}")
+        return 2
+    if not server.token:
+        log.warning("no --token (or EASLLM_TOKEN) given: this service is open to anyone who can reach it")
+    app = create_app(server, engine)
+    _progress(
+        f"loading the model; listening on http://{server.host}:{server.port}/ (/health says when ready)"
+    )
+    uvicorn.run(
+        app,
+        host=server.host,
+        port=server.port,
+        log_level=server.log_level.lower(),
+        timeout_graceful_shutdown=5,
+    )
+    return 0

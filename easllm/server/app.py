@@ -1,0 +1,59 @@
+"""`create_app(config, engine)`: the FastAPI app of one service, and its lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from easllm import __version__
+from easllm.chat.service import ChatService
+from easllm.config import ServerConfig
+from easllm.engine.base import Engine
+from easllm.server.errors import install_error_handlers
+from easllm.server.routes import eas, health
+
+log = logging.getLogger(__name__)
+
+
+def create_app(config: ServerConfig, engine: Engine) -> FastAPI:
+    """The model loads in the background after the socket is open; /health says when it is up."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(_load(app, engine))
+        try:
+            yield
+        finally:
+            loading.cancel()
+            await asyncio.gather(loading, return_exceptions=True)
+            await engine.close()
+
+    app = FastAPI(title="easllm", version=__version__, lifespan=lifespan)
+    app.state.config = config
+    app.state.engine = engine
+    app.state.load_error = None
+    app.state.chat = ChatService(engine, config.max_round, config.no_template)
+    install_error_handlers(app)
+    app.include_router(health.router)
+    if not config.no_api:
+        app.include_router(eas.router)
+    return app
+
+
+async def _load(app: FastAPI, engine: Engine) -> None:
+    try:
+        await engine.start()
+    except Exception as exc:
+        app.state.load_error = str(exc)
+        log.exception("the model failed to load")
+        return
+    info = engine.model_info
+    config = app.state.config
+    log.info("model %s ready (engine %s, context %d)", info.name, info.engine, info.context_length)
+    print(f"easllm: ready on http://{config.host}:{config.port}/", flush=True)
+    if info.chat_template is None:
+        log.warning("model %s has no chat template: prompts are sent raw (--no-template)", info.name)
