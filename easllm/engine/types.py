@@ -49,6 +49,15 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the top-N alternatives at that step."""
+
+    token: str
+    logprob: float
+    top: dict[str, float] = field(default_factory=dict)
+
+
 @dataclass
 class TokenDelta:
     """New text since the previous delta; the last delta of a request has `finish_reason`."""
@@ -58,7 +67,7 @@ class TokenDelta:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
-    logprobs: list[dict[str, float]] | None = None  # per token: top-N token text -> logprob
+    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when asked for
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,9 @@ from pydantic import (
     field_validator,
 )
 
-from easllm.engine.types import FinishReason, Usage
+from easllm.chat.template import Conversation
+from easllm.config import SamplingDefaults
+from easllm.engine.types import FinishReason, SamplingParams, Usage
 from easllm.errors import InvalidRequest
 from easllm.protocol.validation import invalid_request_from
 
@@ -46,6 +48,22 @@ class EasRequest(BaseModel):
     langchain: bool = False
     no_template: bool | None = None
     stream_format: Literal["cumulative", "delta"] = "cumulative"
+
+    def conversation(self) -> Conversation:
+        return Conversation(self.prompt, self.system_prompt, tuple(self.history))
+
+    def sampling(self, defaults: SamplingDefaults) -> SamplingParams:
+        """Native sampling parameters; fields the request left out take the server's defaults."""
+        temperature = defaults.temperature if self.temperature is None else self.temperature
+        return SamplingParams(
+            max_new_tokens=min(self.max_new_tokens or defaults.max_new_tokens, defaults.max_new_tokens),
+            temperature=temperature if self.do_sample else 0.0,
+            top_k=self.top_k if self.top_k is not None else (defaults.top_k or 0),
+            top_p=self.top_p if self.top_p is not None else (defaults.top_p or 1.0),
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            stop=tuple(self.stop),
+        )
 
     @field_validator("history", mode="before")
     @classmethod

@@ -9,9 +9,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from easllm.chat.service import ChatService
-from easllm.chat.template import Conversation
-from easllm.config import SamplingDefaults
-from easllm.engine.types import SamplingParams, TokenDelta
+from easllm.engine.types import TokenDelta
 from easllm.errors import InvalidRequest
 from easllm.protocol.eas import EasRequest, parse_eas_body, reply
 from easllm.server.auth import require_token
@@ -19,21 +17,6 @@ from easllm.server.streaming import collect_unless_disconnected, first_then_rest
 
 log = logging.getLogger(__name__)
 router = APIRouter(dependencies=[Depends(require_token)])
-
-
-def sampling_for(req: EasRequest, defaults: SamplingDefaults) -> SamplingParams:
-    temperature = defaults.temperature if req.temperature is None else req.temperature
-    top_k = req.top_k if req.top_k is not None else (defaults.top_k or 0)
-    top_p = req.top_p if req.top_p is not None else (defaults.top_p or 1.0)
-    return SamplingParams(
-        max_new_tokens=min(req.max_new_tokens or defaults.max_new_tokens, defaults.max_new_tokens),
-        temperature=temperature if req.do_sample else 0.0,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=req.repetition_penalty,
-        seed=req.seed,
-        stop=tuple(req.stop),
-    )
 
 
 @router.post("/", response_model=None)
@@ -46,9 +29,8 @@ async def predict(request: Request) -> Response:
         raise InvalidRequest("this service has no knowledge base (langchain) yet", "langchain")
     if not eas.prompt:
         raise InvalidRequest("prompt is required", "prompt")
-    conv = Conversation(eas.prompt, eas.system_prompt, tuple(eas.history))
-    sampling = sampling_for(eas, request.app.state.config.sampling)
-    gen = service.prepare(conv, sampling, eas.no_template)
+    sampling = eas.sampling(request.app.state.config.sampling)
+    gen = service.prepare(eas.conversation(), sampling, eas.no_template)
     deltas = await first_then_rest(service.stream(gen))
     history = [*eas.history]
 

@@ -1,0 +1,1 @@
+"""Knowledge base (RAG): loaders, splitter, embedder, vector store, retriever."""
