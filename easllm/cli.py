@@ -14,6 +14,7 @@ from easllm.engine.factory import ENGINES
 
 log = logging.getLogger("easllm")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+EMBEDDING_MODELS = ("multilingual-e5-small", "all-minilm-l6-v2")
 
 
 def _ranged(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False):
@@ -109,6 +110,19 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="nucleus sampling, in (0, 1]",
     )
     g.add_argument("--no-template", action="store_true", help="send prompts raw, without the chat template")
+    k = p.add_argument_group("knowledge base")
+    k.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="service state (knowledge base); default: $EASLLM_HOME/services/<service-name>",
+    )
+    k.add_argument(
+        "--embedding-model",
+        choices=EMBEDDING_MODELS,
+        default="multilingual-e5-small",
+        help="embedder for the knowledge base and /v1/embeddings (default %(default)s)",
+    )
     h = p.add_argument_group("history export")
     h.add_argument(
         "--export-history-path",
@@ -137,6 +151,8 @@ def configs_from(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
         log_level=args.log_level,
         export_history_path=args.export_history_path,
         export_interval=args.export_interval,
+        data_dir=args.data_dir,
+        embedding_model=args.embedding_model,
         sampling=SamplingDefaults(args.max_new_tokens, args.temperature, args.top_k, args.top_p),
     )
     engine = EngineConfig(

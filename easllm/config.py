@@ -46,4 +46,10 @@ class ServerConfig:
     log_level: str = "INFO"
     export_history_path: Path | None = None
     export_interval: float = 3600.0
+    data_dir: Path | None = None  # knowledge base and other state; None: EASLLM_HOME/services/<name>
+    embedding_model: str = "multilingual-e5-small"
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+
+    @property
+    def service_data_dir(self) -> Path:
+        return self.data_dir or easllm_home() / "services" / self.service_name

@@ -4,12 +4,29 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from easllm.chat.template import Conversation, PromptBuilder
 from easllm.engine.base import Engine
 from easllm.engine.types import FinishReason, GenerationRequest, SamplingParams, TokenDelta, Usage
-from easllm.errors import NotReady
+from easllm.errors import InvalidRequest, NotReady
+
+
+@dataclass(frozen=True)
+class Source:
+    """A knowledge-base chunk a RAG answer was grounded on."""
+
+    source: str  # file name
+    content: str  # chunk text
+    score: float
+    page: int | None = None
+    heading: str | None = None
+
+
+@dataclass
+class PreparedRound:
+    request: GenerationRequest
+    sources: list[Source] = field(default_factory=list)
 
 
 @dataclass
@@ -40,15 +57,22 @@ class ChatService:
         sampling: SamplingParams,
         no_template: bool | None = None,
         max_round: int | None = None,
-    ) -> GenerationRequest:
-        """Build the prompt now, so a bad request fails before any answer starts."""
+        use_knowledge: bool = False,
+    ) -> PreparedRound:
+        """Build the prompt now, so a bad request fails before any answer starts.
+
+        With `use_knowledge` (the EAS `langchain` flag) the answer is grounded on the service's
+        knowledge base and the chunks used come back as `sources`."""
+        if use_knowledge:
+            raise InvalidRequest("this service has no knowledge base (langchain) yet", "langchain")
         built = self.prompts.build(
             conv,
             max_round=self.max_round if max_round is None else max_round,
             max_new_tokens=sampling.max_new_tokens,
             no_template=no_template,
         )
-        return GenerationRequest(built.token_ids, replace(sampling, max_new_tokens=built.max_new_tokens))
+        request = GenerationRequest(built.token_ids, replace(sampling, max_new_tokens=built.max_new_tokens))
+        return PreparedRound(request)
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
         async with aclosing(self.engine.generate(req)) as deltas:

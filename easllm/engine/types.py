@@ -78,6 +78,10 @@ class ModelInfo:
     chat_template: str | None  # Jinja2 text; None for base models
     bos_token: str = ""
     eos_token: str = ""
+    features: frozenset[str] = frozenset()  # of FEATURES: what this engine can do beyond sampling
+
+
+FEATURES = frozenset({"logprobs", "grammar", "penalties"})
 
 
 @dataclass

@@ -83,6 +83,23 @@ EMBEDDERS: dict[str, type[E5Embedder] | type[MiniLMEmbedder]] = {
 }
 
 
+class SharedEmbedder:
+    """One embedder per service, loaded on first use (the knowledge base and /v1/embeddings share it)."""
+
+    def __init__(self, name: str = DEFAULT_EMBEDDING_MODEL) -> None:
+        if name.strip().lower() not in EMBEDDERS:
+            raise ValueError(f"unknown embedding model {name!r}; choose one of {', '.join(EMBEDDERS)}")
+        self.name = name.strip().lower()
+        self._embedder: Embedder | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Embedder:
+        with self._lock:
+            if self._embedder is None:
+                self._embedder = create_embedder(self.name)
+            return self._embedder
+
+
 def create_embedder(name: str = DEFAULT_EMBEDDING_MODEL) -> Embedder:
     try:
         return EMBEDDERS[name.strip().lower()]()

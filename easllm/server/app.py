@@ -13,6 +13,7 @@ from easllm import __version__
 from easllm.chat.service import ChatService
 from easllm.config import ServerConfig
 from easllm.engine.base import Engine
+from easllm.rag.embedder import SharedEmbedder
 from easllm.server.errors import install_error_handlers
 from easllm.server.routes import eas, health
 
@@ -37,6 +38,7 @@ def create_app(config: ServerConfig, engine: Engine) -> FastAPI:
     app.state.engine = engine
     app.state.load_error = None
     app.state.chat = ChatService(engine, config.max_round, config.no_template)
+    app.state.embedder = SharedEmbedder(config.embedding_model)
     install_error_handlers(app)
     app.include_router(health.router)
     if not config.no_api:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -25,12 +26,12 @@ async def predict(request: Request) -> Response:
     parsed = parse_eas_body(await request.body(), request.headers.get("content-type"))
     as_text = isinstance(parsed, str)
     eas = EasRequest(prompt=parsed) if isinstance(parsed, str) else parsed
-    if eas.langchain:
-        raise InvalidRequest("this service has no knowledge base (langchain) yet", "langchain")
     if not eas.prompt:
         raise InvalidRequest("prompt is required", "prompt")
     sampling = eas.sampling(request.app.state.config.sampling)
-    gen = service.prepare(eas.conversation(), sampling, eas.no_template)
+    prepared = service.prepare(eas.conversation(), sampling, eas.no_template, use_knowledge=eas.langchain)
+    gen = prepared.request
+    sources = [asdict(s) for s in prepared.sources] if eas.langchain else None
     deltas = await first_then_rest(service.stream(gen))
     history = [*eas.history]
 
@@ -43,6 +44,7 @@ async def predict(request: Request) -> Response:
                 [*history, (eas.prompt, so_far)],
                 delta.usage,
                 delta.finish_reason,
+                sources if delta.finish_reason is not None else None,
             )
 
         return StreamingResponse(nul_delimited(deltas, chunk), media_type="application/octet-stream")
@@ -53,5 +55,7 @@ async def predict(request: Request) -> Response:
         return Response(status_code=499)
     if as_text:
         return PlainTextResponse(answer.text)
-    body = reply(answer.text, [*history, (eas.prompt, answer.text)], answer.usage, answer.finish_reason)
+    body = reply(
+        answer.text, [*history, (eas.prompt, answer.text)], answer.usage, answer.finish_reason, sources
+    )
     return JSONResponse(body)
