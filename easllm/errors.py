@@ -6,10 +6,30 @@ from __future__ import annotations
 class InvalidRequest(ValueError):
     """A request field is wrong: answered with 400 and the field named in `param`."""
 
+    status = 400  # subclasses below answer with their own 4xx
+
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+
+
+class TooLarge(InvalidRequest):
+    """An upload or body over a configured limit: answered with 413."""
+
+    status = 413
+
+
+class UnsupportedMedia(InvalidRequest):
+    """A file type that is not accepted, or content that does not match its extension: 415."""
+
+    status = 415
+
+
+class Conflict(InvalidRequest):
+    """The request cannot apply to the current state (e.g. an index built by another embedder): 409."""
+
+    status = 409
 
 
 class NotReady(RuntimeError):
