@@ -34,6 +34,17 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class KnowledgeConfig:
+    """The knowledge base (RAG): how files are chunked and how answers retrieve them."""
+
+    chunk_size: int = 500  # characters per chunk
+    chunk_overlap: int = 50  # characters shared by neighbouring chunks
+    top_k: int = 3  # chunks given to the model per question
+    score_threshold: float = 0.0  # chunks scoring below (cosine) are not used
+    max_file_mb: float = 50.0  # larger uploads get 413
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -48,6 +59,7 @@ class ServerConfig:
     export_interval: float = 3600.0
     data_dir: Path | None = None  # knowledge base and other state; None: EASLLM_HOME/services/<name>
     embedding_model: str = "multilingual-e5-small"
+    knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
 
     @property
