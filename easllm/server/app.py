@@ -14,8 +14,9 @@ from easllm.chat.service import ChatService
 from easllm.config import ServerConfig
 from easllm.engine.base import Engine
 from easllm.rag.embedder import SharedEmbedder
+from easllm.rag.knowledge import KnowledgeBase
 from easllm.server.errors import install_error_handlers
-from easllm.server.routes import eas, health
+from easllm.server.routes import eas, health, knowledge
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,16 @@ def create_app(config: ServerConfig, engine: Engine) -> FastAPI:
     app.state.config = config
     app.state.engine = engine
     app.state.load_error = None
-    app.state.chat = ChatService(engine, config.max_round, config.no_template)
     app.state.embedder = SharedEmbedder(config.embedding_model)
+    app.state.knowledge = KnowledgeBase(
+        config.service_data_dir / "knowledge", app.state.embedder, config.knowledge
+    )
+    app.state.chat = ChatService(engine, config.max_round, config.no_template, app.state.knowledge)
     install_error_handlers(app)
     app.include_router(health.router)
     if not config.no_api:
         app.include_router(eas.router)
+        app.include_router(knowledge.router)
     return app
 
 

@@ -29,7 +29,8 @@ async def predict(request: Request) -> Response:
     if not eas.prompt:
         raise InvalidRequest("prompt is required", "prompt")
     sampling = eas.sampling(request.app.state.config.sampling)
-    prepared = service.prepare(eas.conversation(), sampling, eas.no_template, use_knowledge=eas.langchain)
+    conv = eas.conversation()
+    prepared = await service.prepare_async(conv, sampling, eas.no_template, use_knowledge=eas.langchain)
     gen = prepared.request
     sources = [asdict(s) for s in prepared.sources] if eas.langchain else None
     deltas = await first_then_rest(service.stream(gen))

@@ -1,0 +1,44 @@
+"""The grounded prompt of a RAG round: instruction, numbered excerpts, then the question."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from easllm.rag.store import Hit
+
+INSTRUCTION = (
+    "Answer the question using only the numbered excerpts from the knowledge base below. "
+    "If they do not contain the answer, say that the documents do not cover it. "
+    "Answer in the language of the question."
+)
+NO_MATCH = (
+    "No excerpt of the knowledge base matches the question. "
+    "Say that the documents do not cover it; do not answer from memory."
+)
+
+
+def excerpt_label(hit: Hit) -> str:
+    """'install.md, page 2, Setup > pip': where an excerpt comes from."""
+    chunk = hit.chunk
+    parts = [chunk.source]
+    if chunk.page is not None:
+        parts.append(f"page {chunk.page}")
+    if chunk.heading:
+        parts.append(chunk.heading)
+    return ", ".join(parts)
+
+
+def grounded_question(question: str, hits: Sequence[Hit]) -> str:
+    """The user message of a RAG round, for a model with a chat template."""
+    if not hits:
+        return f"{NO_MATCH}\n\nQuestion: {question}"
+    excerpts = "\n\n".join(
+        f"[{i}] ({excerpt_label(hit)})\n{hit.chunk.content}" for i, hit in enumerate(hits, 1)
+    )
+    return f"{INSTRUCTION}\n\nExcerpts:\n\n{excerpts}\n\nQuestion: {question}"
+
+
+def grounded_completion(question: str, hits: Sequence[Hit], system_prompt: str = "") -> str:
+    """The whole prompt, as plain text, for a model without a chat template (or --no-template)."""
+    head = f"{system_prompt.strip()}\n\n" if system_prompt.strip() else ""
+    return f"{head}{grounded_question(question, hits)}\n\nAnswer:"

@@ -1,0 +1,235 @@
+"""`KnowledgeBase`: a service's files, chunked, embedded and searchable; the API of RAG.
+
+Used by the HTTP routes, the chat service (`langchain: true`) and the WebUI:
+
+    kb = KnowledgeBase(data_dir / "knowledge", SharedEmbedder(), KnowledgeConfig())
+    kb.add_file("install.md", data, progress=print)     # -> StoredFile; re-adding a name replaces it
+    kb.files()                                          # -> [StoredFile(name, kind, size, chunks, ...)]
+    kb.search("How do I install deepspeed?")            # -> [Hit(chunk, score)], best first
+    kb.remove_file("install.md")
+
+Every method blocks (parsing, embedding, disk): call them off the event loop. Originals are kept
+under `root/files/<digest>/<name>`, the index under `root/index` (see `store.FaissStore`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from easllm.config import KnowledgeConfig
+from easllm.errors import Conflict, InvalidRequest, TooLarge
+from easllm.rag.embedder import Embedder, SharedEmbedder
+from easllm.rag.loaders import PARAM, file_kind, load_document, safe_file_name
+from easllm.rag.splitter import Chunk, Splitter
+from easllm.rag.store import FaissStore, Hit, StoredFile, VectorStore, write_atomic
+
+log = logging.getLogger(__name__)
+
+EMBED_BATCH = 16  # passages per embedder call: one progress step
+
+
+@dataclass(frozen=True)
+class IngestProgress:
+    """Where an upload stands: stage 'parsing', 'embedding' (done/total chunks), 'saving', 'done'."""
+
+    file: str
+    stage: str
+    done: int = 0
+    total: int = 0
+
+
+@dataclass(frozen=True)
+class IngestFailure:
+    """A file of a multi-file upload that was refused; the others are still added."""
+
+    name: str
+    status: int  # the HTTP status its error maps to: 400, 413, 415
+    message: str
+
+
+Progress = Callable[[IngestProgress], None]
+
+
+class FileNotInKnowledgeBase(LookupError):
+    pass
+
+
+class KnowledgeBase:
+    def __init__(
+        self,
+        root: Path,
+        embedder: SharedEmbedder | Embedder,
+        config: KnowledgeConfig | None = None,
+        store: VectorStore | None = None,
+    ) -> None:
+        self.root = root
+        self.config = config or KnowledgeConfig()
+        self.splitter = Splitter(self.config.chunk_size, self.config.chunk_overlap)
+        self._embedder_source = embedder
+        self.store: VectorStore = store if store is not None else FaissStore(root / "index")
+        self._write_lock = threading.Lock()  # one ingestion commit or removal at a time
+        self._remove_orphan_originals()
+        built_by = self.store.embedder
+        if built_by is not None and built_by != self.embedder_name:
+            log.error("%s", self._mismatch_message(built_by))
+
+    # -- reading --------------------------------------------------------------------------------
+
+    @property
+    def embedder_name(self) -> str:
+        return self._embedder_source.name
+
+    def files(self) -> list[StoredFile]:
+        return self.store.files()
+
+    def chunk_count(self) -> int:
+        return self.store.chunk_count()
+
+    def is_empty(self) -> bool:
+        return self.store.chunk_count() == 0
+
+    def original_path(self, name: str) -> Path:
+        """Where the uploaded bytes of an indexed file are kept."""
+        for f in self.store.files():
+            if f.name == name:
+                return self._original(f)
+        raise FileNotInKnowledgeBase(name)
+
+    def search(self, query: str, top_k: int | None = None, min_score: float | None = None) -> list[Hit]:
+        """The chunks nearest to `query`, best first; defaults from the config."""
+        if not query.strip():
+            raise InvalidRequest("the query is empty", "query")
+        if self.is_empty():
+            return []
+        self._check_embedder()
+        k = self.config.top_k if top_k is None else top_k
+        threshold = self.config.score_threshold if min_score is None else min_score
+        vector = self._embedder().embed_queries([query])[0]
+        return [hit for hit in self.store.search(vector, k) if hit.score >= threshold]
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def add_file(self, name: str, data: bytes, progress: Progress | None = None) -> StoredFile:
+        """Parse, chunk, embed and index one file; a file of the same name is replaced.
+
+        Raises InvalidRequest (400), TooLarge (413), UnsupportedMedia (415) or Conflict (409)."""
+        report = progress or (lambda _: None)
+        safe = safe_file_name(name)
+        file_kind(safe)
+        limit = int(self.config.max_file_mb * 1024 * 1024)
+        if len(data) > limit:
+            raise TooLarge(f"{safe} is {len(data)} bytes; the limit is {self.config.max_file_mb:g} MB", PARAM)
+        self._check_embedder()
+        digest = hashlib.sha256(data).hexdigest()
+        existing = next((f for f in self.store.files() if f.name == safe), None)
+        if existing is not None and existing.sha256 == digest:
+            report(IngestProgress(safe, "done", existing.chunks, existing.chunks))
+            return existing  # the same bytes again: nothing to redo
+        report(IngestProgress(safe, "parsing"))
+        doc = load_document(safe, data)
+        chunks = self.splitter.split(doc)
+        if not chunks:
+            raise InvalidRequest(f"{safe} contains no text", PARAM)
+        vectors = self._embed(safe, chunks, report)
+        stored = StoredFile(safe, doc.kind, len(data), len(chunks), doc.pages, time.time(), digest)
+        report(IngestProgress(safe, "saving", len(chunks), len(chunks)))
+        with self._write_lock:
+            self._check_embedder()
+            write_atomic(self._original(stored), data)
+            self.store.put_file(stored, chunks, vectors, self.embedder_name)
+        if existing is not None:
+            self._drop_original(existing)
+        log.info("knowledge base: %s indexed (%s, %d chunks)", safe, doc.kind, len(chunks))
+        report(IngestProgress(safe, "done", len(chunks), len(chunks)))
+        return stored
+
+    def add_files(
+        self, items: Iterable[tuple[str, bytes]], progress: Progress | None = None
+    ) -> tuple[list[StoredFile], list[IngestFailure]]:
+        """Add each file on its own: one refused file does not keep the others out."""
+        added: list[StoredFile] = []
+        failed: list[IngestFailure] = []
+        for name, data in items:
+            try:
+                added.append(self.add_file(name, data, progress))
+            except InvalidRequest as exc:
+                failed.append(IngestFailure(name, exc.status, exc.message))
+        return added, failed
+
+    def add_path(self, path: Path, progress: Progress | None = None) -> StoredFile:
+        return self.add_file(path.name, path.read_bytes(), progress)
+
+    def remove_file(self, name: str) -> StoredFile:
+        with self._write_lock:
+            removed = self.store.remove_file(name)
+            if removed is None:
+                raise FileNotInKnowledgeBase(name)
+        self._drop_original(removed)
+        log.info("knowledge base: %s removed", name)
+        return removed
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _embedder(self) -> Embedder:
+        source = self._embedder_source
+        return source.get() if isinstance(source, SharedEmbedder) else source
+
+    def _embed(self, name: str, chunks: list[Chunk], report: Progress) -> np.ndarray:
+        embedder = self._embedder()
+        parts = []
+        started = time.monotonic()
+        for start in range(0, len(chunks), EMBED_BATCH):
+            report(IngestProgress(name, "embedding", start, len(chunks)))
+            batch = chunks[start : start + EMBED_BATCH]
+            parts.append(embedder.embed_passages([c.embedding_text() for c in batch]))
+            if len(chunks) > EMBED_BATCH * 8 and (start // EMBED_BATCH) % 8 == 7:
+                log.info("%s: embedded %d/%d chunks", name, start + len(batch), len(chunks))
+        log.debug("%s: %d chunks embedded in %.2f s", name, len(chunks), time.monotonic() - started)
+        return np.concatenate(parts)
+
+    def _check_embedder(self) -> None:
+        built_by = self.store.embedder
+        if built_by is not None and built_by != self.embedder_name:
+            raise Conflict(self._mismatch_message(built_by), "embedding_model")
+
+    def _mismatch_message(self, built_by: str) -> str:
+        return (
+            f"the knowledge base in {self.root} was built with the embedder {built_by}, but this server "
+            f"uses {self.embedder_name}: restart with --embedding-model {built_by}, or remove its files "
+            "and upload them again"
+        )
+
+    def _original(self, f: StoredFile) -> Path:
+        return self.root / "files" / f.sha256[:16] / f.name
+
+    def _drop_original(self, f: StoredFile) -> None:
+        path = self._original(f)
+        if any(other.name == f.name and other.sha256 == f.sha256 for other in self.store.files()):
+            return  # indexed again meanwhile
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()  # kept while other names hold the same bytes
+
+    def _remove_orphan_originals(self) -> None:
+        """Originals written by an upload that died before its index commit."""
+        folder = self.root / "files"
+        if not folder.is_dir():
+            return
+        kept = {f.sha256[:16] for f in self.store.files()}
+        for entry in folder.iterdir():
+            if entry.name in kept:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)

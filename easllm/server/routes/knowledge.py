@@ -1,0 +1,97 @@
+"""/v1/knowledge: upload, list, remove and search the service's knowledge base (same token as the API).
+
+Parsing and embedding run in a worker thread; the event loop only moves bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
+
+from easllm.errors import InvalidRequest, TooLarge
+from easllm.protocol.knowledge import failure_dict, file_dict, hit_dict, parse_query
+from easllm.rag.knowledge import FileNotInKnowledgeBase, IngestFailure, KnowledgeBase
+from easllm.rag.loaders import PARAM
+from easllm.server.auth import require_token
+from easllm.server.errors import error_body, error_response
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/knowledge", dependencies=[Depends(require_token)])
+
+MAX_FILES_PER_UPLOAD = 32
+
+
+def _knowledge(request: Request) -> KnowledgeBase:
+    return request.app.state.knowledge
+
+
+@router.post("/files", response_model=None)
+async def upload_files(request: Request) -> JSONResponse:
+    """Multipart upload of one or many files (any field name; `files` by convention).
+
+    All added: 200 `{"files": [...]}`. Any refused: the first refusal's status (400, 413, 415) with
+    the error, plus `files` (those added anyway) and `errors` (one per refused file)."""
+    kb = _knowledge(request)
+    limit = int(kb.config.max_file_mb * 1024 * 1024)
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit * MAX_FILES_PER_UPLOAD:
+        raise TooLarge(f"the upload is {length} bytes: send at most {MAX_FILES_PER_UPLOAD} files", PARAM)
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise InvalidRequest("send the files as multipart/form-data, e.g. curl -F files=@manual.pdf", PARAM)
+    form = await request.form(max_files=MAX_FILES_PER_UPLOAD, max_fields=MAX_FILES_PER_UPLOAD)
+    try:
+        uploads = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+        if not uploads:
+            raise InvalidRequest("the upload holds no files: send them as multipart file fields", PARAM)
+        items: list[tuple[str, bytes]] = []
+        refused: list[IngestFailure] = []
+        for upload in uploads:
+            name = upload.filename or ""
+            if upload.size is not None and upload.size > limit:
+                message = f"{name} is {upload.size} bytes; the limit is {kb.config.max_file_mb:g} MB"
+                refused.append(IngestFailure(name, TooLarge.status, message))
+                continue
+            items.append((name, await upload.read()))
+    finally:
+        await form.close()
+    added, failed = await asyncio.to_thread(kb.add_files, items) if items else ([], [])
+    refused += failed
+    files = [file_dict(f) for f in added]
+    if not refused:
+        return JSONResponse({"files": files})
+    first = refused[0]
+    message = first.message if len(refused) == 1 else "; ".join(f.message for f in refused)
+    body = error_body(first.status, message, PARAM)
+    body.update(files=files, errors=[failure_dict(f) for f in refused])
+    return JSONResponse(body, status_code=first.status)
+
+
+@router.get("/files")
+async def list_files(request: Request) -> JSONResponse:
+    kb = _knowledge(request)
+    files = [file_dict(f) for f in kb.files()]
+    return JSONResponse({"files": files, "chunks": kb.chunk_count(), "embedding_model": kb.embedder_name})
+
+
+@router.delete("/files/{name}")
+async def remove_file(name: str, request: Request) -> JSONResponse:
+    kb = _knowledge(request)
+    try:
+        removed = await asyncio.to_thread(kb.remove_file, name)
+    except FileNotInKnowledgeBase:
+        return error_response(404, f"no file named {name!r} in the knowledge base", "name")
+    return JSONResponse({"deleted": file_dict(removed)})
+
+
+@router.post("/query")
+async def query(request: Request) -> JSONResponse:
+    """`{"query": text, "top_k"?, "score_threshold"?}` -> the nearest chunks, best first."""
+    kb = _knowledge(request)
+    q = parse_query(await request.body())
+    hits = await asyncio.to_thread(kb.search, q.query, q.top_k, q.score_threshold)
+    return JSONResponse({"query": q.query, "results": [hit_dict(h) for h in hits]})

@@ -1,0 +1,245 @@
+"""`/v1`: the OpenAI API — models, chat completions, completions (SSE streaming), embeddings.
+
+Requests become the same `GenerationRequest`s as the EAS API's and go to the same engine;
+`n` choices (and several completion prompts) are separate requests merged into one reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import asdict, replace
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
+
+from easllm.chat.service import ChatService
+from easllm.engine.types import GenerationRequest, SamplingParams, TokenDelta, Usage
+from easllm.errors import InvalidRequest
+from easllm.protocol.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    choice_samplings,
+    parse_json_object,
+)
+from easllm.protocol.openai_replies import (
+    ChoiceOutput,
+    Envelope,
+    chat_chunk,
+    chat_completion,
+    chat_logprobs,
+    completion,
+    completion_chunk,
+    completion_logprobs,
+    embedding_list,
+    model_card,
+    usage_chunk,
+)
+from easllm.server.auth import require_token
+from easllm.server.sse import merge_choices, sse_response
+from easllm.server.streaming import first_then_rest
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+T = TypeVar("T")
+
+
+@router.get("/models")
+async def list_models(request: Request) -> JSONResponse:
+    info = request.app.state.engine.model_info
+    return JSONResponse({"object": "list", "data": [model_card(info, int(time.time()))]})
+
+
+@router.get("/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request) -> JSONResponse:
+    info = request.app.state.engine.model_info
+    if model_id != info.name:
+        raise HTTPException(404, f"model {model_id!r} is not served here; this service serves {info.name!r}")
+    return JSONResponse(model_card(info, int(time.time())))
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(request: Request) -> Response:
+    state = request.app.state
+    req: ChatCompletionRequest = ChatCompletionRequest.parse(parse_json_object(await request.body()))
+    service: ChatService = state.chat
+    info = state.engine.model_info
+    sampling = req.sampling(state.config.sampling, info)
+    extra: dict[str, Any] = {}
+    if req.use_knowledge:
+        conv = req.conversation()
+        prepared = service.prepare(
+            conv, sampling, no_template=False, max_round=len(conv.history), use_knowledge=True
+        )
+        base = prepared.request
+        extra["sources"] = [asdict(s) for s in prepared.sources]
+    else:
+        ids = service.prompts.encode_messages(req.messages_native())
+        base = fit(ids, sampling, info.context_length, "messages")
+    gens = [GenerationRequest(base.prompt_token_ids, s) for s in choice_samplings(base.sampling, req.n)]
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    prompt_tokens = len(base.prompt_token_ids)
+    env = Envelope.new("chatcmpl", "chat.completion", info.name)
+    if req.stream:
+        deltas = merge_choices(await start_streams(service, gens))
+        chunks = replace(env, object="chat.completion.chunk")
+        return sse_response(
+            chat_events(chunks, deltas, len(gens), prompt_tokens, req.include_usage(), top, extra)
+        )
+    outputs = await unless_disconnected(collect_choices(service, gens), request)
+    if outputs is None:
+        return Response(status_code=499)
+    usage = Usage(prompt_tokens, sum(c.completion_tokens for c in outputs))
+    return JSONResponse(chat_completion(env, outputs, usage, top, **extra))
+
+
+async def chat_events(
+    env: Envelope,
+    deltas: AsyncIterator[tuple[int, TokenDelta]],
+    n: int,
+    prompt_tokens: int,
+    include_usage: bool,
+    top: int | None,
+    extra: dict[str, Any],
+) -> AsyncIterator[dict[str, Any]]:
+    for index in range(n):
+        yield chat_chunk(
+            env, index, {"role": "assistant", "content": ""}, include_usage=include_usage, **extra
+        )
+    completion_tokens = 0
+    async for index, delta in deltas:
+        logprobs = chat_logprobs(delta.logprobs, top) if top is not None and delta.logprobs else None
+        if delta.text or logprobs or delta.finish_reason is not None:
+            content = {"content": delta.text} if delta.text else {}
+            yield chat_chunk(env, index, content, delta.finish_reason, logprobs, include_usage)
+        if delta.usage is not None:
+            completion_tokens += delta.usage.completion_tokens
+    if include_usage:
+        yield usage_chunk(env, Usage(prompt_tokens, completion_tokens))
+
+
+@router.post("/completions", response_model=None)
+async def completions(request: Request) -> Response:
+    state = request.app.state
+    req: CompletionRequest = CompletionRequest.parse(parse_json_object(await request.body()))
+    service: ChatService = state.chat
+    info = state.engine.model_info
+    sampling = req.sampling(state.config.sampling, info)
+    gens: list[GenerationRequest] = []
+    echoes: list[str] = []
+    prompt_tokens = 0
+    for text in req.prompt:
+        base = fit(service.prompts.encode_raw(text), sampling, info.context_length, "prompt")
+        prompt_tokens += len(base.prompt_token_ids)
+        for choice_sampling in choice_samplings(base.sampling, req.n):
+            gens.append(GenerationRequest(base.prompt_token_ids, choice_sampling))
+            echoes.append(text if req.echo else "")
+    logprobs = req.logprobs is not None
+    env = Envelope.new("cmpl", "text_completion", info.name)
+    if req.stream:
+        deltas = merge_choices(await start_streams(service, gens))
+        return sse_response(
+            completion_events(env, deltas, echoes, prompt_tokens, req.include_usage(), logprobs)
+        )
+    outputs = await unless_disconnected(collect_choices(service, gens), request)
+    if outputs is None:
+        return Response(status_code=499)
+    usage = Usage(prompt_tokens, sum(c.completion_tokens for c in outputs))
+    for out, echo in zip(outputs, echoes, strict=True):
+        out.text = echo + out.text
+    return JSONResponse(completion(env, outputs, usage, logprobs, [len(e) for e in echoes]))
+
+
+async def completion_events(
+    env: Envelope,
+    deltas: AsyncIterator[tuple[int, TokenDelta]],
+    echoes: list[str],
+    prompt_tokens: int,
+    include_usage: bool,
+    logprobs: bool,
+) -> AsyncIterator[dict[str, Any]]:
+    for index, echo in enumerate(echoes):
+        if echo:
+            yield completion_chunk(env, index, echo, include_usage=include_usage)
+    offsets = [len(e) for e in echoes]
+    completion_tokens = 0
+    async for index, delta in deltas:
+        entries = delta.logprobs or []
+        if delta.text or entries or delta.finish_reason is not None:
+            lp = completion_logprobs(entries, offsets[index]) if logprobs else None
+            offsets[index] += sum(len(e.token) for e in entries)
+            yield completion_chunk(env, index, delta.text, delta.finish_reason, lp, include_usage)
+        if delta.usage is not None:
+            completion_tokens += delta.usage.completion_tokens
+    if include_usage:
+        yield usage_chunk(env, Usage(prompt_tokens, completion_tokens))
+
+
+@router.post("/embeddings")
+async def embeddings(request: Request) -> JSONResponse:
+    req: EmbeddingRequest = EmbeddingRequest.parse(parse_json_object(await request.body()))
+    shared = request.app.state.embedder
+
+    def embed() -> dict[str, Any]:
+        embedder = shared.get()  # loads the model on first use
+        req.check_dimensions(embedder.dim)
+        query = req.input_type == "query"
+        vectors = embedder.embed_queries(req.input) if query else embedder.embed_passages(req.input)
+        tokens = embedder.count_tokens(req.input, query=query)
+        return embedding_list(vectors, embedder.name, req.encoding_format, tokens)
+
+    return JSONResponse(await asyncio.to_thread(embed))
+
+
+# -- shared by the routes above --
+
+
+def fit(ids: list[int], sampling: SamplingParams, context_length: int, param: str) -> GenerationRequest:
+    """The request, its max_new_tokens capped at what the context leaves after the prompt."""
+    room = context_length - len(ids)
+    if room < 1:
+        raise InvalidRequest(
+            f"the prompt is {len(ids)} tokens; the model's context is {context_length}", param
+        )
+    return GenerationRequest(ids, replace(sampling, max_new_tokens=min(sampling.max_new_tokens, room)))
+
+
+async def start_streams(
+    service: ChatService, gens: Sequence[GenerationRequest]
+) -> list[AsyncIterator[TokenDelta]]:
+    """The first stream is started now, so a full queue is a 503 rather than a broken 200 stream."""
+    first = await first_then_rest(service.stream(gens[0]))
+    return [first, *(service.stream(g) for g in gens[1:])]
+
+
+async def collect_choices(service: ChatService, gens: Sequence[GenerationRequest]) -> list[ChoiceOutput]:
+    outputs = [ChoiceOutput(i) for i in range(len(gens))]
+    async for index, delta in merge_choices([service.stream(g) for g in gens]):
+        out = outputs[index]
+        out.text += delta.text
+        out.logprobs.extend(delta.logprobs or [])
+        if delta.finish_reason is not None:
+            out.finish_reason = delta.finish_reason
+            out.completion_tokens = delta.usage.completion_tokens if delta.usage else 0
+    return outputs
+
+
+async def unless_disconnected(work: Awaitable[T], request: Request, poll: float = 0.2) -> T | None:
+    """The result, or None when the client goes away first (the work is cancelled: generation aborts)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                log.info("client went away; generation aborted")
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
