@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from easllm import __version__
-from easllm.config import EngineConfig, SamplingDefaults, ServerConfig, easllm_home
+from easllm.config import EngineConfig, KnowledgeConfig, SamplingDefaults, ServerConfig, easllm_home
 from easllm.engine.factory import ENGINES
 
 log = logging.getLogger("easllm")
@@ -123,6 +123,36 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         default="multilingual-e5-small",
         help="embedder for the knowledge base and /v1/embeddings (default %(default)s)",
     )
+    k.add_argument(
+        "--kb-chunk-size",
+        type=_ranged(int, 50),
+        default=500,
+        help="characters per knowledge-base chunk (default %(default)s)",
+    )
+    k.add_argument(
+        "--kb-chunk-overlap",
+        type=_ranged(int, 0),
+        default=50,
+        help="characters neighbouring chunks share; less than the chunk size (default %(default)s)",
+    )
+    k.add_argument(
+        "--kb-top-k",
+        type=_ranged(int, 1, 50),
+        default=3,
+        help="chunks given to the model per langchain question (default %(default)s)",
+    )
+    k.add_argument(
+        "--kb-score-threshold",
+        type=_ranged(float, -1, 1),
+        default=0.0,
+        help="chunks whose cosine score is lower are not used (default %(default)s)",
+    )
+    k.add_argument(
+        "--kb-max-file-mb",
+        type=_ranged(float, 0, low_open=True),
+        default=50.0,
+        help="largest file accepted for the knowledge base, in MB (default %(default)s)",
+    )
     h = p.add_argument_group("history export")
     h.add_argument(
         "--export-history-path",
@@ -153,6 +183,13 @@ def configs_from(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
         export_interval=args.export_interval,
         data_dir=args.data_dir,
         embedding_model=args.embedding_model,
+        knowledge=KnowledgeConfig(
+            chunk_size=args.kb_chunk_size,
+            chunk_overlap=args.kb_chunk_overlap,
+            top_k=args.kb_top_k,
+            score_threshold=args.kb_score_threshold,
+            max_file_mb=args.kb_max_file_mb,
+        ),
         sampling=SamplingDefaults(args.max_new_tokens, args.temperature, args.top_k, args.top_p),
     )
     engine = EngineConfig(
@@ -179,7 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve" and args.kb_chunk_overlap >= args.kb_chunk_size:
+        parser.error("--kb-chunk-overlap must be smaller than --kb-chunk-size")
     if args.command == "serve":
         from easllm.serve import serve
 
