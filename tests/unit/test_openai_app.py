@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing, contextmanager
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,6 +37,11 @@ class FeaturedFake(FakeEngine):
                     top = {delta.text: -0.25, "x": -1.5, "y": -2.5, "z": -3.5}
                     delta.logprobs = [TokenLogprob(delta.text, -0.25, top)]
                 yield delta
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EASLLM_HOME", str(tmp_path))  # an empty knowledge base per test
 
 
 @contextmanager
@@ -352,12 +358,12 @@ def test_streamed_chat_logprobs(fclient: TestClient) -> None:
 def test_knowledge_base_flag_goes_through_the_chat_service(client: TestClient) -> None:
     seen = {}
 
-    def prepare(conv, sampling, no_template=None, max_round=None, use_knowledge=False):
+    async def prepare(conv, sampling, no_template=None, max_round=None, use_knowledge=False):
         seen.update(conv=conv, max_round=max_round, use_knowledge=use_knowledge)
         ids = client.app.state.engine.tokenize(f"<|im_start|>user\n{conv.prompt} [eos]<|im_end|>")
         return PreparedRound(GenerationRequest(ids, sampling), [Source("a.txt", "Paris is in France.", 0.9)])
 
-    client.app.state.chat.prepare = prepare
+    client.app.state.chat.prepare_async = prepare
     messages = [
         {"role": "system", "content": "Use the notes."},
         {"role": "user", "content": "q1"},
@@ -382,6 +388,15 @@ def test_knowledge_base_flag_goes_through_the_chat_service(client: TestClient) -
         headers=AUTH,
     )
     assert_error(r, 400, "messages")
+
+
+def test_knowledge_base_flag_on_an_empty_knowledge_base_is_400(
+    client: TestClient, engine: FakeEngine
+) -> None:
+    body = {"messages": [{"role": "user", "content": "x"}], "extra_body": None, "knowledge_base": True}
+    r = client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert "knowledge base is empty" in assert_error(r, 400, "langchain")["message"]
+    assert engine.requests == []
 
 
 def test_unknown_and_no_effect_fields_are_accepted(client: TestClient) -> None:

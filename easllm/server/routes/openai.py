@@ -72,7 +72,7 @@ async def chat_completions(request: Request) -> Response:
     extra: dict[str, Any] = {}
     if req.use_knowledge:
         conv = req.conversation()
-        prepared = service.prepare(
+        prepared = await service.prepare_async(
             conv, sampling, no_template=False, max_round=len(conv.history), use_knowledge=True
         )
         base = prepared.request
