@@ -16,7 +16,7 @@ from easllm.engine.base import Engine
 from easllm.rag.embedder import SharedEmbedder
 from easllm.rag.knowledge import KnowledgeBase
 from easllm.server.errors import install_error_handlers
-from easllm.server.routes import eas, health, knowledge, openai
+from easllm.server.routes import eas, health, knowledge, openai, websocket
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ def create_app(config: ServerConfig, engine: Engine) -> FastAPI:
         app.include_router(eas.router)
         app.include_router(knowledge.router)
         app.include_router(openai.router)
+        app.include_router(websocket.router)
     return app
 
 

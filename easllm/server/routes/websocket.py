@@ -1,0 +1,198 @@
+"""`ws://host/`: the EAS WebSocket API — many rounds on one connection, each answer ended by `<EOS>`.
+
+A reader task keeps receiving (so a close or a vanished client is seen mid-answer) and queues
+messages; an answerer takes them one at a time, in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from easllm.chat.dialogue import Dialogue
+from easllm.chat.service import ChatService, PreparedRound
+from easllm.config import ServerConfig
+from easllm.engine.base import EngineError, EngineOverloaded
+from easllm.engine.types import TokenDelta
+from easllm.errors import InvalidRequest, NotReady
+from easllm.protocol.eas import EasRequest, parse_eas_body, reply
+from easllm.server.auth import token_matches
+from easllm.server.errors import error_body, error_response
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+EOS = "<EOS>"
+MAX_PENDING = 64  # messages waiting for an answer; one more closes the connection (1008)
+PER_MESSAGE = frozenset({"prompt", "history", "langchain"})  # every other field set stays in force
+CLOSE_POLICY = 1008
+CLOSE_INTERNAL = 1011
+
+
+@router.websocket("/")
+async def dialogue_socket(websocket: WebSocket) -> None:
+    config: ServerConfig = websocket.app.state.config
+    if config.token and not _authorized(websocket, config.token):
+        await _refuse(websocket)
+        return
+    await websocket.accept()
+    await Connection(websocket, websocket.app.state.chat, config).run()
+
+
+def _authorized(websocket: WebSocket, token: str) -> bool:
+    # Browsers cannot set headers on a WebSocket: they pass ?token= instead.
+    return token_matches(websocket.headers.get("authorization"), token) or token_matches(
+        websocket.query_params.get("token"), token
+    )
+
+
+async def _refuse(websocket: WebSocket) -> None:
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(
+            error_response(401, "missing or wrong token in the Authorization header or ?token=")
+        )
+    else:  # a server without the denial-response extension answers a close before accept with 403
+        await websocket.close(code=CLOSE_POLICY)
+
+
+class Connection:
+    """One client: its dialogue, the settings its messages made sticky, and its message queue."""
+
+    def __init__(self, websocket: WebSocket, service: ChatService, config: ServerConfig) -> None:
+        self.websocket = websocket
+        self.service = service
+        self.defaults = config.sampling
+        self.dialogue = Dialogue(config.max_round)
+        self.settings = EasRequest()
+        self.inbox: asyncio.Queue[str | bytes] = asyncio.Queue(MAX_PENDING)
+
+    async def run(self) -> None:
+        reader = asyncio.create_task(self._read())
+        answerer = asyncio.create_task(self._answer_in_order())
+        try:
+            await asyncio.wait({reader, answerer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (reader, answerer):
+                task.cancel()  # a generation still running is aborted in the engine
+            # not gather: it would replace the caller's own cancellation with the children's
+            await asyncio.wait({reader, answerer})
+        error = answerer.exception() if answerer.done() and not answerer.cancelled() else None
+        if error is not None and not isinstance(error, WebSocketDisconnect):
+            log.error("websocket answerer failed", exc_info=error)
+            await self._close(CLOSE_INTERNAL, "internal error")
+
+    async def _read(self) -> None:
+        while True:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                log.debug("websocket closed by the client (code %s)", message.get("code"))
+                return
+            data = message.get("text")
+            if data is None:
+                data = message.get("bytes")
+            if data is None:
+                continue
+            try:
+                self.inbox.put_nowait(data)
+            except asyncio.QueueFull:
+                await self._close(CLOSE_POLICY, f"more than {MAX_PENDING} messages waiting for an answer")
+                return
+
+    async def _close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(RuntimeError, OSError):  # already closed
+            await self.websocket.close(code, reason)
+
+    async def _answer_in_order(self) -> None:
+        while True:
+            data = await self.inbox.get()
+            try:
+                await self._answer(data)
+            except (InvalidRequest, NotReady, EngineError) as exc:
+                await self._send(_error(exc))
+            except WebSocketDisconnect:
+                raise
+            except Exception:
+                log.exception("websocket message failed")
+                await self._send(error_body(500, "internal error while answering this message"))
+            await self.websocket.send_text(EOS)
+
+    async def _answer(self, data: str | bytes) -> None:
+        msg = _parse(data)
+        self._apply(msg)
+        if not msg.prompt:
+            raise InvalidRequest("prompt is required; the other fields of this message were kept", "prompt")
+        prepared = self.service.prepare(
+            self.dialogue.conversation(msg.prompt),
+            self.settings.sampling(self.defaults),
+            self.settings.no_template,
+            use_knowledge=msg.langchain,
+        )
+        await self._generate(msg, prepared)
+
+    def _apply(self, msg: EasRequest) -> None:
+        """Make the fields this message set stick; `history` replaces the dialogue's rounds."""
+        sticky = msg.model_fields_set - PER_MESSAGE
+        self.settings = self.settings.model_copy(update={name: getattr(msg, name) for name in sticky})
+        if "system_prompt" in sticky:
+            self.dialogue.system_prompt = msg.system_prompt
+        if "history" in msg.model_fields_set:
+            self.dialogue.replace_rounds(msg.history)
+
+    async def _generate(self, msg: EasRequest, prepared: PreparedRound) -> None:
+        streaming = self.settings.use_stream_chat is not False  # true unless the client said false
+        delta_mode = self.settings.stream_format == "delta"
+        sources = [asdict(s) for s in prepared.sources] if msg.langchain else None
+        rounds = self.dialogue.rounds
+        text = ""
+        last: TokenDelta | None = None
+        async with contextlib.aclosing(self.service.stream(prepared.request)) as deltas:
+            async for delta in deltas:
+                if not delta.text and delta.finish_reason is None:
+                    continue
+                text += delta.text
+                if delta.finish_reason is not None:
+                    last = delta
+                if streaming:
+                    await self._send(
+                        reply(
+                            delta.text if delta_mode else text,
+                            [*rounds, (msg.prompt, text)],
+                            delta.usage,
+                            delta.finish_reason,
+                            sources if last is not None else None,
+                        )
+                    )
+                if last is not None:
+                    break
+        if last is None:
+            raise EngineError("the engine stream ended without a finish reason")
+        if not streaming:
+            history = [*rounds, (msg.prompt, text)]
+            await self._send(reply(text, history, last.usage, last.finish_reason, sources))
+        self.dialogue.record(msg.prompt, text)
+
+    async def _send(self, body: dict[str, Any]) -> None:
+        await self.websocket.send_text(json.dumps(body, ensure_ascii=False))
+
+
+def _parse(data: str | bytes) -> EasRequest:
+    """A JSON object is a request; other text is the prompt. Text starting with `{` must parse."""
+    raw = data.encode() if isinstance(data, str) else data
+    looks_like_json = raw.lstrip()[:1] == b"{"
+    parsed = parse_eas_body(raw, "application/json" if looks_like_json else None)
+    return EasRequest(prompt=parsed) if isinstance(parsed, str) else parsed
+
+
+def _error(exc: InvalidRequest | NotReady | EngineError) -> dict[str, object]:
+    if isinstance(exc, InvalidRequest):
+        return error_body(400, exc.message, exc.param)
+    if isinstance(exc, NotReady | EngineOverloaded):
+        return error_body(503, str(exc))
+    log.error("engine error: %s", exc)
+    return error_body(500, str(exc))
