@@ -127,7 +127,7 @@ class Connection:
         self._apply(msg)
         if not msg.prompt:
             raise InvalidRequest("prompt is required; the other fields of this message were kept", "prompt")
-        prepared = self.service.prepare(
+        prepared = await self.service.prepare_async(
             self.dialogue.conversation(msg.prompt),
             self.settings.sampling(self.defaults),
             self.settings.no_template,
