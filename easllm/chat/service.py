@@ -92,9 +92,9 @@ class ChatService:
         max_round: int | None = None,
         use_knowledge: bool = False,
     ) -> PreparedRound:
-        """`prepare`, with the knowledge-base search off the event loop."""
-        hits = await asyncio.to_thread(self.retrieve, conv.prompt) if use_knowledge else None
-        return self._prepare(conv, sampling, no_template, max_round, hits)
+        """`prepare` off the event loop: the knowledge-base search and tokenizing a long prompt
+        would otherwise stall every other request."""
+        return await asyncio.to_thread(self.prepare, conv, sampling, no_template, max_round, use_knowledge)
 
     def retrieve(self, question: str) -> list[Hit]:
         """The knowledge-base chunks for a question (top-k, score threshold); blocking."""

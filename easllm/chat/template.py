@@ -17,6 +17,7 @@ from easllm.engine.types import ModelInfo
 from easllm.errors import InvalidRequest
 
 Message = dict[str, str]
+MAX_CHARS_PER_TOKEN = 64  # no tokenizer packs more; longer texts cannot fit and are not tokenized
 Tokenize = Callable[[str, bool], list[int]]
 
 
@@ -88,13 +89,15 @@ class PromptBuilder:
         )
         self.no_template_default = no_template or self.template is None
 
-    def encode_raw(self, text: str) -> list[int]:
+    def encode_raw(self, text: str, param: str = "prompt") -> list[int]:
+        self._check_length(text, param)
         return self._tokenize(text, True)
 
-    def encode_messages(self, messages: Sequence[Message]) -> list[int]:
+    def encode_messages(self, messages: Sequence[Message], param: str = "messages") -> list[int]:
         if self.template is None:
             raise InvalidRequest("this model has no chat template: use a completion", "messages")
         text = self.template.render(messages)
+        self._check_length(text, param)
         starts_with_bos = bool(self.template.bos_token) and text.startswith(self.template.bos_token)
         return self._tokenize(text, not starts_with_bos)
 
@@ -111,10 +114,17 @@ class PromptBuilder:
             return self._fit(self.encode_raw(conv.prompt), max_new_tokens, 0)
         rounds = list(conv.history[-max_round:]) if max_round > 0 else []
         while True:
-            ids = self.encode_messages(conversation_messages(conv, rounds))
+            ids = self.encode_messages(conversation_messages(conv, rounds), "prompt")
             if not rounds or len(ids) + max_new_tokens <= self.context_length:
                 return self._fit(ids, max_new_tokens, len(rounds))
             rounds.pop(0)  # the oldest round goes first
+
+    def _check_length(self, text: str, param: str) -> None:
+        if len(text) > MAX_CHARS_PER_TOKEN * self.context_length:
+            raise InvalidRequest(
+                f"the prompt is {len(text)} characters; the model's context is {self.context_length} tokens",
+                param,
+            )
 
     def _fit(self, ids: list[int], max_new_tokens: int, rounds: int) -> BuiltPrompt:
         room = self.context_length - len(ids)

@@ -14,7 +14,7 @@ from tests.servers import Server
 
 pytestmark = pytest.mark.integration
 
-PROMPT = "The capital of France is"
+PROMPT = "The Eiffel Tower is located in the city of"
 
 
 def post(server: Server, body: dict, stream: bool = False) -> requests.Response:
@@ -123,7 +123,8 @@ def test_missing_or_wrong_token(gemma: Server, headers: dict) -> None:
     [
         ({"prompt": "x", "temperature": 3}, "temperature"),
         ({"prompt": "x", "history": [["a"]]}, "history"),
-        ({"prompt": "x" * 40000}, "prompt"),
+        ({"prompt": "word " * 12000}, "prompt"),
+        ({"prompt": "x" * 600_000}, "prompt"),
         ({"prompt": "x", "top_p": 2}, "top_p"),
     ],
 )
