@@ -33,6 +33,15 @@ def _ranged(kind: type, low: float | None = None, high: float | None = None, low
     return parse
 
 
+def _embedding_model(text: str) -> str:
+    from easllm.rag.embedder import embedder_name
+
+    try:
+        return embedder_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model and engine")
     m.add_argument(
@@ -119,9 +128,10 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     )
     k.add_argument(
         "--embedding-model",
-        choices=EMBEDDING_MODELS,
+        type=_embedding_model,
         default="multilingual-e5-small",
-        help="embedder for the knowledge base and /v1/embeddings (default %(default)s)",
+        help="embedder for the knowledge base and /v1/embeddings: multilingual-e5-small, all-minilm-l6-v2 "
+        "or a sentence-transformers model folder (default %(default)s)",
     )
     k.add_argument(
         "--kb-chunk-size",
@@ -212,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_flags(serve)
     models = sub.add_parser("models", help="list bundled and catalog models")
     models.add_argument("--pull", metavar="NAME", help="assemble and verify a bundled model now")
+    from easllm.rag.cli import add_kb_commands
+
+    add_kb_commands(sub)  # kb add | list | remove | query
     return parser
 
 
@@ -225,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
 
         server, engine = configs_from(args)
         return serve(server, engine)
+    if args.command == "kb":
+        from easllm.rag.cli import run_kb
+
+        return run_kb(args)
     return _models(args)
 
 
