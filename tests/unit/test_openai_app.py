@@ -281,9 +281,10 @@ def test_chat_on_a_model_without_template_is_400() -> None:
         assert "chat template" in assert_error(r, 400, "messages")["message"]
 
 
-def test_context_overflow_is_400_on_messages(client: TestClient, engine: FakeEngine) -> None:
+@pytest.mark.parametrize("length", [600, 100_000])  # over the context; too long to be worth tokenizing
+def test_context_overflow_is_400_on_messages(client: TestClient, engine: FakeEngine, length: int) -> None:
     r = client.post(
-        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "y" * 600}]}, headers=AUTH
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "y" * length}]}, headers=AUTH
     )
     assert "context" in assert_error(r, 400, "messages")["message"]
     assert engine.requests == []
@@ -573,8 +574,10 @@ def test_completion_logprobs_refused_without_the_feature(client: TestClient) -> 
     )
 
 
-def test_completion_prompt_over_the_context_is_400(client: TestClient) -> None:
-    assert_error(client.post("/v1/completions", json={"prompt": "y" * 600}, headers=AUTH), 400, "prompt")
+@pytest.mark.parametrize("length", [600, 100_000])
+def test_completion_prompt_over_the_context_is_400(client: TestClient, length: int) -> None:
+    r = client.post("/v1/completions", json={"prompt": ["ok", "y" * length]}, headers=AUTH)
+    assert "context" in assert_error(r, 400, "prompt")["message"]
 
 
 # -- embeddings --

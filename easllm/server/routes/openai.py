@@ -78,7 +78,8 @@ async def chat_completions(request: Request) -> Response:
         base = prepared.request
         extra["sources"] = [asdict(s) for s in prepared.sources]
     else:
-        ids = service.prompts.encode_messages(req.messages_native())
+        prompts = service.prompts  # tokenizing a long prompt would stall the event loop: a thread does it
+        ids = await asyncio.to_thread(prompts.encode_messages, req.messages_native())
         base = fit(ids, sampling, info.context_length, "messages")
     gens = [GenerationRequest(base.prompt_token_ids, s) for s in choice_samplings(base.sampling, req.n)]
     top = (req.top_logprobs or 0) if req.logprobs else None
@@ -132,8 +133,10 @@ async def completions(request: Request) -> Response:
     gens: list[GenerationRequest] = []
     echoes: list[str] = []
     prompt_tokens = 0
-    for text in req.prompt:
-        base = fit(service.prompts.encode_raw(text), sampling, info.context_length, "prompt")
+    prompts = service.prompts
+    encoded = await asyncio.to_thread(lambda: [prompts.encode_raw(text) for text in req.prompt])
+    for text, ids in zip(req.prompt, encoded, strict=True):
+        base = fit(ids, sampling, info.context_length, "prompt")
         prompt_tokens += len(base.prompt_token_ids)
         for choice_sampling in choice_samplings(base.sampling, req.n):
             gens.append(GenerationRequest(base.prompt_token_ids, choice_sampling))
