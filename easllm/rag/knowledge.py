@@ -145,10 +145,11 @@ class KnowledgeBase:
         report(IngestProgress(safe, "saving", len(chunks), len(chunks)))
         with self._write_lock:
             self._check_embedder()
+            replaced = next((f for f in self.store.files() if f.name == safe), None)  # as of now
             write_atomic(self._original(stored), data)
             self.store.put_file(stored, chunks, vectors, self.embedder_name)
-        if existing is not None:
-            self._drop_original(existing)
+            if replaced is not None and replaced.sha256 != digest:
+                self._drop_original(replaced)
         log.info("knowledge base: %s indexed (%s, %d chunks)", safe, doc.kind, len(chunks))
         report(IngestProgress(safe, "done", len(chunks), len(chunks)))
         return stored
