@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     from easllm.rag.cli import add_kb_commands
 
     add_kb_commands(sub)  # kb add | list | remove | query
+    from easllm.control.cli import add_console_commands
+
+    add_console_commands(sub)  # console, deploy, list, describe, update, stop, start, delete, logs
     return parser
 
 
@@ -242,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
         from easllm.rag.cli import run_kb
 
         return run_kb(args)
+    from easllm.control.cli import COMMANDS as CONSOLE_COMMANDS
+
+    if args.command in CONSOLE_COMMANDS:
+        from easllm.control.cli import run
+
+        return run(args)
     return _models(args)
 
 

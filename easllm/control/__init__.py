@@ -1,0 +1,1 @@
+"""The console: named LLM services (spec, registry, replicas, gateway) behind one port."""

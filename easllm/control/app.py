@@ -1,0 +1,75 @@
+"""`create_console_app(config)`: registry + supervisor + gateway + REST API + page, on one port."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from easllm import __version__
+from easllm.control import api, gateway, page
+from easllm.control.config import ConsoleConfig
+from easllm.control.controller import Controller
+from easllm.control.registry import Registry, UnknownService
+from easllm.control.routing import RoutingTable
+from easllm.control.supervisor import Supervisor
+from easllm.server.errors import error_response, install_error_handlers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Console:
+    """What the routes reach through `app.state.console`."""
+
+    config: ConsoleConfig
+    registry: Registry
+    controller: Controller
+    routing: RoutingTable
+    supervisor: Supervisor
+    http: httpx.AsyncClient
+
+
+def create_console_app(config: ConsoleConfig, registry: Registry | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        reg = registry or Registry(config.database_url)
+        controller = Controller(config, reg)
+        http = gateway.new_http_client()
+        app.state.console = Console(config, reg, controller, controller.routing, controller.supervisor, http)
+        await controller.open()
+        log.info("console on %s (database %s)", config.gateway_url, reg.url)
+        print(f"easllm console: ready on {config.gateway_url}/", flush=True)
+        try:
+            yield
+        finally:
+            await controller.close()
+            await http.aclose()
+            if registry is None:
+                reg.close()
+
+    app = FastAPI(
+        title="easllm console",
+        version=__version__,
+        description="Deploy, list, describe, update, stop, start and delete named LLM services.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+
+    @app.exception_handler(UnknownService)
+    async def _unknown(_: Request, exc: UnknownService) -> JSONResponse:
+        return error_response(404, f"no service named {exc}")
+
+    @app.get("/health", include_in_schema=False)
+    async def health() -> dict[str, object]:
+        return {"status": "ok", "services": len(app.state.console.routing.routes)}
+
+    app.include_router(api.router)
+    app.include_router(gateway.router)
+    app.include_router(page.router)
+    return app

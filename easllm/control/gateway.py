@@ -1,0 +1,278 @@
+"""`/api/predict/<service>[/...]`: one port in front of every service's replicas.
+
+HTTP is passed through byte for byte as the replica sends it (NUL-delimited and SSE streams are
+never buffered); WebSocket messages are relayed both ways. The service token is checked here
+(`Authorization`, `?token=`, or the cookie a `?token=` sets for the WebUI) and replaced by the
+replica's own. A request goes to the replica with the fewest requests in flight. If a replica
+cannot be reached, the request goes to another; if one dies before answering, requests that are
+safe to repeat (generation, GETs) are retried elsewhere; a stream cut mid-way ends with an error
+chunk in the stream's own format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from urllib.parse import urlencode
+
+import httpx
+from fastapi import APIRouter, Request, WebSocket
+from fastapi.responses import Response, StreamingResponse
+from starlette.websockets import WebSocketDisconnect
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from easllm.control.routing import NoReplica, ReplicaState, RoutingTable, ServiceRoute
+from easllm.control.supervisor import Supervisor
+from easllm.server.auth import token_matches
+from easllm.server.errors import error_body, error_response
+
+log = logging.getLogger(__name__)
+router = APIRouter(include_in_schema=False)
+COOKIE = "easllm_token"
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "authorization",
+    "cookie",
+    "content-length",
+}
+DROP_FROM_REPLY = {"connection", "keep-alive", "transfer-encoding", "server", "date"}
+RETRY_SAFE_POSTS = {"", "v1/chat/completions", "v1/completions", "v1/embeddings"}
+METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_TRY_AGAIN = 1001, 1011, 1013
+
+
+def new_http_client() -> httpx.AsyncClient:
+    # keep-alive shorter than uvicorn's 5 s, so a pooled connection is never closed under a request
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=200, keepalive_expiry=2.0)
+    timeout = httpx.Timeout(connect=5.0, read=None, write=60.0, pool=30.0)
+    return httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False, follow_redirects=False)
+
+
+def _presented_token(headers: object, query: object, cookies: dict[str, str]) -> tuple[str | None, bool]:
+    """(token, came from ?token=) from Authorization, the query string or the WebUI cookie."""
+    auth = headers.get("authorization")  # type: ignore[attr-defined]
+    if auth:
+        return auth, False
+    if query.get("token"):  # type: ignore[attr-defined]
+        return query.get("token"), True  # type: ignore[attr-defined]
+    return cookies.get(COOKIE), False
+
+
+def _retry_safe(method: str, path: str) -> bool:
+    return method in ("GET", "HEAD", "OPTIONS") or (method == "POST" and path.strip("/") in RETRY_SAFE_POSTS)
+
+
+def _broken_stream_chunk(content_type: str, message: str) -> bytes:
+    body = error_body(502, message)
+    if content_type.startswith("text/event-stream"):
+        return f"data: {json.dumps(body)}\n\n".encode()
+    if content_type.startswith("application/octet-stream"):  # EAS NUL-delimited JSON chunks
+        return json.dumps(body).encode() + b"\0"
+    return b""
+
+
+@router.api_route("/api/predict/{service}", methods=METHODS)
+@router.api_route("/api/predict/{service}/{path:path}", methods=METHODS)
+async def predict(request: Request, service: str, path: str = "") -> Response:
+    console = request.app.state.console
+    routing: RoutingTable = console.routing
+    route = routing.route(service)
+    if route is None:
+        return error_response(404, f"no service named {service}")
+    token, from_query = _presented_token(request.headers, request.query_params, request.cookies)
+    if not token_matches(token, route.token):
+        return error_response(401, f"missing or wrong token for service {service}")
+    body = await request.body()
+    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
+    prefix = f"/api/predict/{service}"
+    headers += [
+        ("authorization", route.token),
+        ("x-forwarded-for", request.client.host if request.client else ""),
+        ("x-forwarded-host", request.headers.get("host", "")),
+        ("x-forwarded-proto", request.url.scheme),
+        ("x-forwarded-prefix", prefix),
+    ]
+    query = request.url.query
+    retry_safe = _retry_safe(request.method, path)
+    tried: set[int] = set()
+    while True:
+        try:
+            replica = routing.pick(service, tried)
+        except NoReplica as exc:
+            if tried:
+                return error_response(502, f"service {service}: no replica could answer ({len(tried)} tried)")
+            return error_response(503, str(exc))
+        tried.add(replica.id)
+        replica.outstanding += 1
+        replica.served += 1
+        url = f"{replica.url}/{path}" + (f"?{query}" if query else "")
+        upstream_request = console.http.build_request(request.method, url, headers=headers, content=body)
+        try:
+            upstream = await console.http.send(upstream_request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            _give_back(replica, console.supervisor, f"unreachable: {exc!r}")
+            continue
+        except httpx.HTTPError as exc:
+            _give_back(replica, console.supervisor, f"failed mid-request: {exc!r}")
+            if retry_safe:
+                continue
+            return error_response(502, f"service {service}: the replica failed during the request")
+        except BaseException:
+            replica.outstanding -= 1
+            raise
+        reply_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in DROP_FROM_REPLY}
+        response = StreamingResponse(
+            _relay(upstream, replica, console.supervisor),
+            status_code=upstream.status_code,
+            headers=reply_headers,
+        )
+        if from_query and token:
+            response.set_cookie(COOKIE, token, path=prefix, httponly=True, samesite="lax")
+        return response
+
+
+def _give_back(replica: ReplicaState, supervisor: Supervisor, why: str) -> None:
+    replica.outstanding -= 1
+    supervisor.suspect(replica)
+    log.warning("%s: replica %d %s", replica.service, replica.id, why)
+
+
+async def _relay(
+    upstream: httpx.Response, replica: ReplicaState, supervisor: Supervisor
+) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in upstream.aiter_raw():
+            yield chunk
+    except httpx.HTTPError as exc:
+        supervisor.suspect(replica)
+        log.warning("%s: replica %d broke a stream: %r", replica.service, replica.id, exc)
+        if "content-length" not in upstream.headers:
+            tail = _broken_stream_chunk(
+                upstream.headers.get("content-type", ""), "the replica failed mid-stream"
+            )
+            if tail:
+                yield tail
+    finally:
+        replica.outstanding -= 1
+        await upstream.aclose()
+
+
+@router.websocket("/api/predict/{service}")
+@router.websocket("/api/predict/{service}/{path:path}")
+async def predict_socket(websocket: WebSocket, service: str, path: str = "") -> None:
+    console = websocket.app.state.console
+    routing: RoutingTable = console.routing
+    route = routing.route(service)
+    if route is None:
+        await _deny(websocket, 404, f"no service named {service}")
+        return
+    token, _ = _presented_token(websocket.headers, websocket.query_params, websocket.cookies)
+    if not token_matches(token, route.token):
+        await _deny(websocket, 401, f"missing or wrong token for service {service}")
+        return
+    upstream, replica = await _connect_upstream(websocket, route, routing, console.supervisor, path)
+    if upstream is None or replica is None:
+        return
+    try:
+        await websocket.accept(subprotocol=upstream.subprotocol)
+        await _pump(websocket, upstream)
+    finally:
+        replica.outstanding -= 1
+        await upstream.close()
+
+
+async def _connect_upstream(
+    websocket: WebSocket, route: ServiceRoute, routing: RoutingTable, supervisor: Supervisor, path: str
+) -> tuple[ClientConnection | None, ReplicaState | None]:
+    query = urlencode([(k, v) for k, v in websocket.query_params.multi_items() if k != "token"])
+    protocols = [
+        p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",") if p.strip()
+    ]
+    tried: set[int] = set()
+    while True:
+        try:
+            replica = routing.pick(route.name, tried)
+        except NoReplica as exc:
+            await _deny(websocket, 502 if tried else 503, str(exc))
+            return None, None
+        tried.add(replica.id)
+        replica.outstanding += 1
+        replica.served += 1
+        url = f"ws://127.0.0.1:{replica.port}/{path}" + (f"?{query}" if query else "")
+        try:
+            upstream = await connect(
+                url,
+                additional_headers={"Authorization": route.token},
+                subprotocols=protocols or None,  # type: ignore[arg-type]
+                open_timeout=10,
+                max_size=None,
+                ping_interval=None,
+            )
+            return upstream, replica
+        except InvalidStatus as exc:
+            replica.outstanding -= 1
+            status = exc.response.status_code
+            await _deny(
+                websocket, status, exc.response.body.decode(errors="replace") or f"replica answered {status}"
+            )
+            return None, None
+        except (OSError, InvalidHandshake, TimeoutError) as exc:
+            _give_back(replica, supervisor, f"refused a WebSocket: {exc!r}")
+
+
+async def _pump(websocket: WebSocket, upstream: ClientConnection) -> None:
+    async def client_to_upstream() -> None:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                await upstream.close(message.get("code", 1000))
+                return
+            if message.get("text") is not None:
+                await upstream.send(message["text"])
+            elif message.get("bytes") is not None:
+                await upstream.send(message["bytes"])
+
+    async def upstream_to_client() -> None:
+        try:
+            async for message in upstream:
+                if isinstance(message, str):
+                    await websocket.send_text(message)
+                else:
+                    await websocket.send_bytes(message)
+        except ConnectionClosed:
+            pass
+        received = upstream.close_rcvd
+        if received is None:  # the replica vanished without a close frame
+            await websocket.close(CLOSE_INTERNAL, "the replica failed")
+        else:
+            await websocket.close(received.code, received.reason)
+
+    tasks = [asyncio.create_task(client_to_upstream()), asyncio.create_task(upstream_to_client())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for result in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(result, Exception) and not isinstance(
+                result, WebSocketDisconnect | ConnectionClosed | RuntimeError
+            ):
+                log.warning("websocket relay: %r", result)
+
+
+async def _deny(websocket: WebSocket, status: int, message: str) -> None:
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(error_response(status, message))
+    else:
+        await websocket.close(CLOSE_TRY_AGAIN if status == 503 else 1008, message[:120])

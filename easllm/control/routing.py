@@ -1,0 +1,111 @@
+"""The gateway's view of the world: each service's token, version and replicas, and who is busy.
+
+Everything here runs on the console's event loop, so picking a replica and counting the request
+against it happen in one step: a replica chosen is never stopped before it is drained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class ReplicaState:
+    """One replica, in memory; `id` is its database row."""
+
+    id: int
+    service: str
+    version: int
+    port: int
+    log_path: str
+    pid: int | None = None
+    pid_started: str | None = None
+    status: str = "starting"  # starting ready unhealthy crashed draining failed stopped
+    restarts: int = 0
+    exit_code: int | None = None
+    outstanding: int = 0  # requests the gateway has in flight on it
+    served: int = 0  # requests the gateway sent it, ever
+    draining: bool = False
+    ever_ready: bool = False
+    failed_starts: int = 0  # starts in a row that died before becoming ready
+    started_at: float = 0.0  # time.monotonic() of the last start (or reattach)
+    ready_since: float | None = None
+    down_since: float | None = None
+    restart_at: float | None = None
+    detail: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def serving(self) -> bool:
+        return self.status == "ready" and not self.draining
+
+
+@dataclass(eq=False)
+class ServiceRoute:
+    name: str
+    token: str
+    version: int
+    accepting: bool = True  # False when stopped: requests get 503 with `closed_reason`
+    closed_reason: str = ""
+    replicas: list[ReplicaState] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def serving(self) -> list[ReplicaState]:
+        return [r for r in self.replicas if r.version == self.version and r.serving]
+
+
+class NoReplica(LookupError):
+    """No replica can take the request now; the message says why."""
+
+
+class RoutingTable:
+    def __init__(self) -> None:
+        self.routes: dict[str, ServiceRoute] = {}
+        self._turn = itertools.count()
+
+    def route(self, name: str) -> ServiceRoute | None:
+        return self.routes.get(name)
+
+    def add(self, route: ServiceRoute) -> None:
+        self.routes[route.name] = route
+
+    def remove(self, name: str) -> None:
+        self.routes.pop(name, None)
+
+    def pick(self, name: str, exclude: set[int] | frozenset[int] = frozenset()) -> ReplicaState:
+        """The serving replica with the fewest requests in flight (ties: round-robin)."""
+        route = self.routes[name]
+        if not route.accepting:
+            raise NoReplica(route.closed_reason or f"service {name} is stopped")
+        candidates = [r for r in route.serving() if r.id not in exclude]
+        if not candidates:
+            raise NoReplica(f"service {name} has no ready replica yet; retry shortly")
+        least = min(r.outstanding for r in candidates)
+        tied = [r for r in candidates if r.outstanding == least]
+        return tied[next(self._turn) % len(tied)]
+
+    @contextmanager
+    def lease(self, replica: ReplicaState) -> Iterator[ReplicaState]:
+        replica.outstanding += 1
+        replica.served += 1
+        try:
+            yield replica
+        finally:
+            replica.outstanding -= 1
+
+    async def drained(self, replicas: list[ReplicaState], timeout: float) -> bool:
+        """Wait until none of `replicas` has a request in flight; False if `timeout` ran out."""
+        deadline = time.monotonic() + timeout
+        while any(r.outstanding for r in replicas):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
