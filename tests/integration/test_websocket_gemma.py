@@ -178,7 +178,7 @@ def single_call(host: str, authorization: str, scenario: int, record_path: str) 
 
 def run_sample(server: Server, tmp: Path, scenarios: list[int], rounds: int = 1) -> list[dict]:
     """As the sample's __main__: per round one process per scenario, started together, joined."""
-    spawn = multiprocessing.get_context("spawn")
+    spawn = multiprocessing.get_context("fork")
     records = []
     for i in range(rounds):
         processes = []
