@@ -47,5 +47,6 @@ def serve(server: ServerConfig, engine_config: EngineConfig) -> int:
         port=server.port,
         log_level=server.log_level.lower(),
         timeout_graceful_shutdown=5,
+        root_path=server.root_path,
     )
     return 0

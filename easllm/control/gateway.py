@@ -25,6 +25,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from easllm.control.routing import NoReplica, ReplicaState, RoutingTable, ServiceRoute
+from easllm.control.runtimes.local import gateway_prefix
 from easllm.control.supervisor import Supervisor
 from easllm.server.auth import token_matches
 from easllm.server.errors import error_body, error_response
@@ -95,7 +96,10 @@ async def predict(request: Request, service: str, path: str = "") -> Response:
         return error_response(401, f"missing or wrong token for service {service}")
     body = await request.body()
     headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
-    prefix = f"/api/predict/{service}"
+    cookies = "; ".join(f"{k}={v}" for k, v in request.cookies.items() if k != COOKIE)
+    if cookies:  # the WebUI's own session cookies; the gateway's cookie stays here
+        headers.append(("cookie", cookies))
+    prefix = gateway_prefix(service)
     headers += [
         ("authorization", route.token),
         ("x-forwarded-for", request.client.host if request.client else ""),

@@ -33,6 +33,7 @@ OWNED_FLAGS = {
     "port": "(set by the console)",
     "token": "token",
     "service_name": "name",
+    "root_path": "(set by the console)",
     "cpu": "resources.gpu (0 = CPU only)",
 }
 

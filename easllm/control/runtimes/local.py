@@ -49,11 +49,16 @@ def process_start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+def gateway_prefix(service: str) -> str:
+    return f"/api/predict/{service}"
+
+
 def serve_command(spec: ServiceSpec, port: int, data_dir: Path) -> list[str]:
     """The `easllm serve` command line of one replica of `spec` (its token goes in the environment)."""
     options = spec.serve_options()
     cmd = [sys.executable, "-m", "easllm.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--service-name", spec.name, "--model-path", spec.model]
+    cmd += ["--root-path", gateway_prefix(spec.name)]  # links the WebUI makes point at the gateway
     if spec.engine:
         cmd += ["--engine", spec.engine]
     if spec.precision:
