@@ -11,6 +11,7 @@ from pathlib import Path
 from easllm import __version__
 from easllm.config import EngineConfig, KnowledgeConfig, SamplingDefaults, ServerConfig, easllm_home
 from easllm.engine.factory import ENGINES
+from easllm.logs import LOG_FORMATS
 
 log = logging.getLogger("easllm")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -85,15 +86,21 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="service token clients send in Authorization (default: $EASLLM_TOKEN; none = open)",
     )
     s.add_argument("--service-name", default="easllm", help="name of this service (logs, history export)")
-    s.add_argument(
-        "--root-path",
-        default="",
-        help="path prefix a proxy serves this service under (e.g. /api/predict/NAME behind the console)",
-    )
     ui = s.add_mutually_exclusive_group()
     ui.add_argument("--api-only", action="store_true", help="serve only the API, no WebUI")
     ui.add_argument("--no-api", action="store_true", help="serve only the WebUI, no API")
     s.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
+    s.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="text lines, or one JSON object per line for log shippers (default %(default)s)",
+    )
+    s.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help="serve /metrics without the token (for a Prometheus on a private network)",
+    )
     g = p.add_argument_group("generation defaults (requests may override)")
     g.add_argument(
         "--max-new-tokens",
@@ -189,12 +196,13 @@ def configs_from(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
         port=args.port,
         token=args.token or None,
         service_name=args.service_name,
-        root_path=args.root_path,
         api_only=args.api_only,
         no_api=args.no_api,
         max_round=args.max_round,
         no_template=args.no_template,
         log_level=args.log_level,
+        log_format=args.log_format,
+        metrics_public=args.metrics_public,
         export_history_path=args.export_history_path,
         export_interval=args.export_interval,
         data_dir=args.data_dir,

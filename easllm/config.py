@@ -50,12 +50,13 @@ class ServerConfig:
     port: int = 8000
     token: str | None = None
     service_name: str = "easllm"
-    root_path: str = ""  # the prefix a proxy (the console's gateway) serves this service under
     api_only: bool = False
     no_api: bool = False
     max_round: int = 5
     no_template: bool = False
     log_level: str = "INFO"
+    log_format: str = "text"  # text | json
+    metrics_public: bool = False  # /metrics without the token
     export_history_path: Path | None = None
     export_interval: float = 3600.0
     data_dir: Path | None = None  # knowledge base and other state; None: EASLLM_HOME/services/<name>

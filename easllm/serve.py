@@ -8,6 +8,7 @@ import sys
 from easllm.config import EngineConfig, ServerConfig, easllm_home
 from easllm.engine.factory import EngineUnavailable, build_engine
 from easllm.errors import ChecksumMismatch, ModelNotFound
+from easllm.logs import configure_logging
 from easllm.models.resolve import ResolvedModel, resolve_model
 
 log = logging.getLogger("easllm.serve")
@@ -22,9 +23,7 @@ def serve(server: ServerConfig, engine_config: EngineConfig) -> int:
 
     from easllm.server.app import create_app
 
-    logging.basicConfig(
-        level=server.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
+    configure_logging(server.log_level, server.log_format)
     try:
         model: ResolvedModel | None = None
         if engine_config.engine != "fake":
@@ -46,6 +45,8 @@ def serve(server: ServerConfig, engine_config: EngineConfig) -> int:
         host=server.host,
         port=server.port,
         log_level=server.log_level.lower(),
+        log_config=None,  # uvicorn's loggers propagate to ours (text or JSON)
+        access_log=False,  # the app logs one line per request itself (server/access_log.py)
         timeout_graceful_shutdown=5,
         root_path=server.root_path,
     )

@@ -13,10 +13,14 @@ from easllm import __version__
 from easllm.chat.service import ChatService
 from easllm.config import ServerConfig
 from easllm.engine.base import Engine
+from easllm.history.export import HistoryExporter
 from easllm.rag.embedder import SharedEmbedder
 from easllm.rag.knowledge import KnowledgeBase
+from easllm.server.access_log import AccessLog
 from easllm.server.errors import install_error_handlers
-from easllm.server.routes import eas, health, knowledge, openai, websocket
+from easllm.server.metrics import ServiceMetrics
+from easllm.server.observability import EngineWatch, Progress, RoundObserver
+from easllm.server.routes import eas, health, knowledge, metrics, openai, websocket
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +31,16 @@ def create_app(config: ServerConfig, engine: Engine) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(_load(app, engine))
+        if history is not None:
+            history.start()
         try:
             yield
         finally:
             loading.cancel()
             await asyncio.gather(loading, return_exceptions=True)
             await engine.close()
+            if history is not None:  # the open period is exported now, not at the next start
+                await asyncio.to_thread(history.close)
 
     app = FastAPI(title="easllm", version=__version__, lifespan=lifespan)
     app.state.config = config
@@ -43,14 +51,34 @@ def create_app(config: ServerConfig, engine: Engine) -> FastAPI:
         config.service_data_dir / "knowledge", app.state.embedder, config.knowledge
     )
     app.state.chat = ChatService(engine, config.max_round, config.no_template, app.state.knowledge)
+    history = _history_exporter(config)
+    app.state.history = history
+    app.state.metrics = ServiceMetrics(engine, app.state.knowledge, history)
+    progress = Progress()
+    app.state.rounds = RoundObserver(config.service_name, engine, app.state.metrics, history, progress)
+    app.state.engine_watch = EngineWatch(progress)
+    app.add_middleware(AccessLog, metrics=app.state.metrics)
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     if not config.no_api:
         app.include_router(eas.router)
         app.include_router(knowledge.router)
         app.include_router(openai.router)
         app.include_router(websocket.router)
+    if not config.api_only:
+        from easllm.webui import mount_webui  # imports Gradio: only when the WebUI is served
+
+        mount_webui(app)
     return app
+
+
+def _history_exporter(config: ServerConfig) -> HistoryExporter | None:
+    """With --export-history-path: the write-ahead log stays on local disk, in the data dir."""
+    if config.export_history_path is None:
+        return None
+    wal = config.service_data_dir / "history"
+    return HistoryExporter(config.export_history_path, wal, config.export_interval)
 
 
 async def _load(app: FastAPI, engine: Engine) -> None:

@@ -33,7 +33,8 @@ async def predict(request: Request) -> Response:
     prepared = await service.prepare_async(conv, sampling, eas.no_template, use_knowledge=eas.langchain)
     gen = prepared.request
     sources = [asdict(s) for s in prepared.sources] if eas.langchain else None
-    deltas = await first_then_rest(service.stream(gen))
+    watched = request.app.state.rounds.watch(service.stream(gen), "eas", request, conv, gen, prepared.sources)
+    deltas = await first_then_rest(watched)
     history = [*eas.history]
 
     if eas.use_stream_chat and not as_text:

@@ -1,0 +1,1 @@
+"""Conversation history: one record per answered round, exported per period as JSON Lines."""

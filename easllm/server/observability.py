@@ -1,0 +1,233 @@
+"""The one hook every front end calls: `app.state.rounds.watch(deltas, ...)`.
+
+It wraps an engine delta stream and, without changing what flows through it, measures time to
+first token, inter-token latency, end-to-end latency and usage (metrics), adds the tokens to the
+request's access-log line, and when the stream ends writes the round to the history export::
+
+    deltas = request.app.state.rounds.watch(service.stream(gen), "eas", request, conv, gen, sources)
+
+A stream that ends without a finish reason (client gone, cancelled) is recorded as `abort`,
+one that raises as `error`; a stream that failed before any text is not a round and is not
+recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import asdict, dataclass, field, is_dataclass
+from typing import Any
+
+from starlette.requests import HTTPConnection
+
+from easllm.chat.template import Conversation
+from easllm.engine.base import Engine
+from easllm.engine.types import EngineHealth, FinishReason, GenerationRequest, TokenDelta, Usage
+from easllm.errors import NotReady
+from easllm.history.export import HistoryExporter
+from easllm.history.record import RoundRecord
+from easllm.server.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+SCOPE_KEY = "easllm.request"
+
+
+@dataclass
+class RequestInfo:
+    """Per HTTP request or WebSocket connection; kept in the ASGI scope by the access log."""
+
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started: float = field(default_factory=time.perf_counter)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    rounds: int = 0
+
+
+def request_info(conn: HTTPConnection | None) -> RequestInfo | None:
+    return conn.scope.get(SCOPE_KEY) if conn is not None else None
+
+
+class Progress:
+    """When generated text last flowed; /ready uses it to tell a stuck engine from a busy one."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+
+class RoundObserver:
+    def __init__(
+        self,
+        service: str,
+        engine: Engine,
+        metrics: ServiceMetrics,
+        history: HistoryExporter | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.service = service
+        self.engine = engine
+        self.metrics = metrics
+        self.history = history
+        self.progress = progress or Progress()
+
+    def watch(
+        self,
+        deltas: AsyncIterator[TokenDelta],
+        api: str,
+        conn: HTTPConnection | None,
+        conversation: Conversation | str,
+        request: GenerationRequest,
+        sources: Sequence[Any] = (),
+        *,
+        choice: int = 0,
+        session: str | None = None,
+        client: str | None = None,
+    ) -> AsyncIterator[TokenDelta]:
+        """`deltas`, measured and recorded. `conn` (the Request or WebSocket) gives the request
+        id, the client address and the arrival time; `session`/`client` override them (WebUI)."""
+        info = request_info(conn)
+        if client is None and conn is not None and conn.client is not None:
+            client = conn.client.host
+        if session is None and conn is not None and conn.scope.get("type") == "websocket" and info:
+            session = info.request_id
+        conv = Conversation(conversation) if isinstance(conversation, str) else conversation
+        round_ = _Round(
+            self, api, info, conv, request, [_source(s) for s in sources], choice, session, client
+        )
+        return round_.run(deltas)
+
+    def model_name(self) -> str:
+        try:
+            return self.engine.model_info.name
+        except NotReady:
+            return self.engine.health().model
+
+
+@dataclass
+class _Round:
+    observer: RoundObserver
+    api: str
+    info: RequestInfo | None
+    conversation: Conversation
+    request: GenerationRequest
+    sources: list[Mapping[str, Any]]
+    choice: int
+    session: str | None
+    client: str | None
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        if self.info is not None and self.api != "websocket":
+            self.started = self.info.started  # HTTP: from the request's arrival
+
+    async def run(self, deltas: AsyncIterator[TokenDelta]) -> AsyncIterator[TokenDelta]:
+        m = self.observer.metrics
+        ttft = m.time_to_first_token.labels(self.api)
+        itl = m.inter_token_latency.labels(self.api)
+        touch = self.observer.progress.touch
+        parts: list[str] = []
+        first: float | None = None
+        last = 0.0
+        tokens = 0
+        finish: str | None = None
+        usage: Usage | None = None
+        try:
+            async with aclosing(deltas) as stream:
+                async for delta in stream:
+                    if delta.text or delta.token_ids:
+                        now = time.perf_counter()
+                        if first is None:
+                            first = now
+                            ttft.observe(now - self.started)
+                        else:
+                            itl.observe(now - last)
+                        last = now
+                        touch()
+                    parts.append(delta.text)
+                    tokens += len(delta.token_ids)
+                    if delta.finish_reason is not None:
+                        finish, usage = str(delta.finish_reason), delta.usage
+                    yield delta
+        except Exception:
+            finish = finish or "error"
+            raise
+        finally:
+            if finish is not None or first is not None:
+                self._finish(finish or str(FinishReason.ABORT), "".join(parts), usage, tokens, first)
+
+    def _finish(self, finish: str, text: str, usage: Usage | None, tokens: int, first: float | None) -> None:
+        end = time.perf_counter()
+        usage = usage or Usage(len(self.request.prompt_token_ids), tokens)
+        m = self.observer.metrics
+        m.rounds.labels(self.api, finish).inc()
+        m.prompt_tokens.labels(self.api).inc(usage.prompt_tokens)
+        m.generation_tokens.labels(self.api).inc(usage.completion_tokens)
+        m.round_latency.labels(self.api).observe(end - self.started)
+        if self.info is not None:
+            self.info.prompt_tokens += usage.prompt_tokens
+            self.info.completion_tokens += usage.completion_tokens
+            self.info.rounds += 1
+        history = self.observer.history
+        if history is None:
+            return
+        try:
+            line = RoundRecord(
+                time=time.time(),
+                service=self.observer.service,
+                api=self.api,
+                model=self.observer.model_name(),
+                request_id=self.info.request_id if self.info else self.request.request_id,
+                session=self.session,
+                client=self.client,
+                conversation=self.conversation,
+                response=text,
+                sampling=self.request.sampling,
+                usage=usage,
+                latency=end - self.started,
+                time_to_first_token=None if first is None else first - self.started,
+                finish_reason=finish,
+                sources=self.sources,
+                choice=self.choice,
+            ).to_line()
+        except Exception:  # a record that cannot be built must not break the answer
+            log.exception("history: could not build the record of a round")
+            return
+        history.record(line)
+
+
+def _source(source: Any) -> Mapping[str, Any]:
+    if is_dataclass(source) and not isinstance(source, type):
+        return asdict(source)
+    return dict(source)
+
+
+class EngineWatch:
+    """Tells a stuck engine from a busy one: with work queued, something must move (text flows,
+    a request ends, a step runs) within `stall_after` seconds. Checked when /ready is asked."""
+
+    def __init__(self, progress: Progress, stall_after: float = 120.0) -> None:
+        self.progress = progress
+        self.stall_after = stall_after
+        self._counters: tuple[object, ...] = ()
+        self._moved = time.monotonic()
+        self._busy = False
+
+    def stalled_for(self, health: EngineHealth) -> float | None:
+        """Seconds without progress while busy, once over `stall_after`; otherwise None."""
+        now = time.monotonic()
+        counters = (health.finished_total, health.aborted_total, health.details.get("steps"))
+        busy = health.running + health.waiting > 0
+        if counters != self._counters or not self._busy:
+            self._counters = counters
+            self._moved = now
+        self._busy = busy
+        if not busy:
+            return None
+        idle = now - max(self._moved, self.progress.last)
+        return idle if idle > self.stall_after else None
