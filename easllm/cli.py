@@ -86,6 +86,11 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="service token clients send in Authorization (default: $EASLLM_TOKEN; none = open)",
     )
     s.add_argument("--service-name", default="easllm", help="name of this service (logs, history export)")
+    s.add_argument(
+        "--root-path",
+        default="",
+        help="path prefix a proxy serves this service under (e.g. /api/predict/NAME behind the console)",
+    )
     ui = s.add_mutually_exclusive_group()
     ui.add_argument("--api-only", action="store_true", help="serve only the API, no WebUI")
     ui.add_argument("--no-api", action="store_true", help="serve only the WebUI, no API")
@@ -196,6 +201,7 @@ def configs_from(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
         port=args.port,
         token=args.token or None,
         service_name=args.service_name,
+        root_path=args.root_path,
         api_only=args.api_only,
         no_api=args.no_api,
         max_round=args.max_round,

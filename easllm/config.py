@@ -50,6 +50,7 @@ class ServerConfig:
     port: int = 8000
     token: str | None = None
     service_name: str = "easllm"
+    root_path: str = ""  # the prefix a proxy (the console's gateway) serves this service under
     api_only: bool = False
     no_api: bool = False
     max_round: int = 5
