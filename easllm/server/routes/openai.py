@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from easllm.chat.service import ChatService
 from easllm.engine.types import GenerationRequest, SamplingParams, TokenDelta, Usage
 from easllm.errors import InvalidRequest
+from easllm.history.record import conversation_from_messages
 from easllm.protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -79,19 +80,26 @@ async def chat_completions(request: Request) -> Response:
         extra["sources"] = [asdict(s) for s in prepared.sources]
     else:
         prompts = service.prompts  # tokenizing a long prompt would stall the event loop: a thread does it
-        ids = await asyncio.to_thread(prompts.encode_messages, req.messages_native())
+        messages = req.messages_native()
+        ids = await asyncio.to_thread(prompts.encode_messages, messages)
         base = fit(ids, sampling, info.context_length, "messages")
+        conv = conversation_from_messages(messages)
     gens = [GenerationRequest(base.prompt_token_ids, s) for s in choice_samplings(base.sampling, req.n)]
+    sources = extra.get("sources", ())
+    streams = [
+        state.rounds.watch(service.stream(g), "openai.chat", request, conv, g, sources, choice=i)
+        for i, g in enumerate(gens)
+    ]
     top = (req.top_logprobs or 0) if req.logprobs else None
     prompt_tokens = len(base.prompt_token_ids)
     env = Envelope.new("chatcmpl", "chat.completion", info.name)
     if req.stream:
-        deltas = merge_choices(await start_streams(service, gens))
+        deltas = merge_choices(await start_streams(streams))
         chunks = replace(env, object="chat.completion.chunk")
         return sse_response(
             chat_events(chunks, deltas, len(gens), prompt_tokens, req.include_usage(), top, extra)
         )
-    outputs = await unless_disconnected(collect_choices(service, gens), request)
+    outputs = await unless_disconnected(collect_choices(streams), request)
     if outputs is None:
         return Response(status_code=499)
     usage = Usage(prompt_tokens, sum(c.completion_tokens for c in outputs))
@@ -132,6 +140,7 @@ async def completions(request: Request) -> Response:
     sampling = req.sampling(state.config.sampling, info)
     gens: list[GenerationRequest] = []
     echoes: list[str] = []
+    texts: list[str] = []  # the prompt of each choice, for the history
     prompt_tokens = 0
     prompts = service.prompts
     encoded = await asyncio.to_thread(lambda: [prompts.encode_raw(text) for text in req.prompt])
@@ -141,14 +150,19 @@ async def completions(request: Request) -> Response:
         for choice_sampling in choice_samplings(base.sampling, req.n):
             gens.append(GenerationRequest(base.prompt_token_ids, choice_sampling))
             echoes.append(text if req.echo else "")
+            texts.append(text)
     logprobs = req.logprobs is not None
+    streams = [
+        state.rounds.watch(service.stream(g), "openai.completions", request, text, g, choice=i)
+        for i, (g, text) in enumerate(zip(gens, texts, strict=True))
+    ]
     env = Envelope.new("cmpl", "text_completion", info.name)
     if req.stream:
-        deltas = merge_choices(await start_streams(service, gens))
+        deltas = merge_choices(await start_streams(streams))
         return sse_response(
             completion_events(env, deltas, echoes, prompt_tokens, req.include_usage(), logprobs)
         )
-    outputs = await unless_disconnected(collect_choices(service, gens), request)
+    outputs = await unless_disconnected(collect_choices(streams), request)
     if outputs is None:
         return Response(status_code=499)
     usage = Usage(prompt_tokens, sum(c.completion_tokens for c in outputs))
@@ -211,17 +225,15 @@ def fit(ids: list[int], sampling: SamplingParams, context_length: int, param: st
     return GenerationRequest(ids, replace(sampling, max_new_tokens=min(sampling.max_new_tokens, room)))
 
 
-async def start_streams(
-    service: ChatService, gens: Sequence[GenerationRequest]
-) -> list[AsyncIterator[TokenDelta]]:
+async def start_streams(streams: Sequence[AsyncIterator[TokenDelta]]) -> list[AsyncIterator[TokenDelta]]:
     """The first stream is started now, so a full queue is a 503 rather than a broken 200 stream."""
-    first = await first_then_rest(service.stream(gens[0]))
-    return [first, *(service.stream(g) for g in gens[1:])]
+    first = await first_then_rest(streams[0])
+    return [first, *streams[1:]]
 
 
-async def collect_choices(service: ChatService, gens: Sequence[GenerationRequest]) -> list[ChoiceOutput]:
-    outputs = [ChoiceOutput(i) for i in range(len(gens))]
-    async for index, delta in merge_choices([service.stream(g) for g in gens]):
+async def collect_choices(streams: Sequence[AsyncIterator[TokenDelta]]) -> list[ChoiceOutput]:
+    outputs = [ChoiceOutput(i) for i in range(len(streams))]
+    async for index, delta in merge_choices(streams):
         out = outputs[index]
         out.text += delta.text
         out.logprobs.extend(delta.logprobs or [])

@@ -67,6 +67,7 @@ class Connection:
     def __init__(self, websocket: WebSocket, service: ChatService, config: ServerConfig) -> None:
         self.websocket = websocket
         self.service = service
+        self.rounds = websocket.app.state.rounds
         self.defaults = config.sampling
         self.dialogue = Dialogue(config.max_round)
         self.settings = EasRequest()
@@ -151,7 +152,9 @@ class Connection:
         rounds = self.dialogue.rounds
         text = ""
         last: TokenDelta | None = None
-        async with contextlib.aclosing(self.service.stream(prepared.request)) as deltas:
+        gen, conv, ws = prepared.request, self.dialogue.conversation(msg.prompt), self.websocket
+        watched = self.rounds.watch(self.service.stream(gen), "websocket", ws, conv, gen, prepared.sources)
+        async with contextlib.aclosing(watched) as deltas:
             async for delta in deltas:
                 if not delta.text and delta.finish_reason is None:
                     continue
