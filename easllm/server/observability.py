@@ -158,7 +158,7 @@ class _Round:
             finish = finish or "error"
             raise
         finally:
-            if finish is not None or first is not None:
+            if first is not None or finish not in (None, "error"):  # failed before any text: no round
                 self._finish(finish or str(FinishReason.ABORT), "".join(parts), usage, tokens, first)
 
     def _finish(self, finish: str, text: str, usage: Usage | None, tokens: int, first: float | None) -> None:
