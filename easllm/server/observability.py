@@ -55,10 +55,10 @@ class Progress:
     """When generated text last flowed; /ready uses it to tell a stuck engine from a busy one."""
 
     def __init__(self) -> None:
-        self.last = time.monotonic()
+        self.last = time.perf_counter()  # perf_counter: the clock the round hook already reads
 
     def touch(self) -> None:
-        self.last = time.monotonic()
+        self.last = time.perf_counter()
 
 
 class RoundObserver:
@@ -129,9 +129,9 @@ class _Round:
     async def run(self, deltas: AsyncIterator[TokenDelta]) -> AsyncIterator[TokenDelta]:
         m = self.observer.metrics
         ttft = m.time_to_first_token.labels(self.api)
-        itl = m.inter_token_latency.labels(self.api)
-        touch = self.observer.progress.touch
+        progress = self.observer.progress
         parts: list[str] = []
+        gaps: list[float] = []  # inter-token latencies, observed at the end in one go
         first: float | None = None
         last = 0.0
         tokens = 0
@@ -146,9 +146,9 @@ class _Round:
                             first = now
                             ttft.observe(now - self.started)
                         else:
-                            itl.observe(now - last)
+                            gaps.append(now - last)
                         last = now
-                        touch()
+                        progress.last = now
                     parts.append(delta.text)
                     tokens += len(delta.token_ids)
                     if delta.finish_reason is not None:
@@ -158,6 +158,7 @@ class _Round:
             finish = finish or "error"
             raise
         finally:
+            m.inter_token_latency.observe_many(self.api, gaps)
             if first is not None or finish not in (None, "error"):  # failed before any text: no round
                 self._finish(finish or str(FinishReason.ABORT), "".join(parts), usage, tokens, first)
 
@@ -215,12 +216,12 @@ class EngineWatch:
         self.progress = progress
         self.stall_after = stall_after
         self._counters: tuple[object, ...] = ()
-        self._moved = time.monotonic()
+        self._moved = time.perf_counter()
         self._busy = False
 
     def stalled_for(self, health: EngineHealth) -> float | None:
         """Seconds without progress while busy, once over `stall_after`; otherwise None."""
-        now = time.monotonic()
+        now = time.perf_counter()
         counters = (health.finished_total, health.aborted_total, health.details.get("steps"))
         busy = health.running + health.waiting > 0
         if counters != self._counters or not self._busy:

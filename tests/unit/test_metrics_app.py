@@ -19,7 +19,7 @@ from easllm.engine.backends.fake import FakeEngine
 from easllm.engine.types import EngineHealth
 from easllm.logs import JsonFormatter, configure_logging
 from easllm.server.app import create_app
-from easllm.server.metrics import EngineCollector, KnowledgeCollector
+from easllm.server.metrics import BatchHistogram, EngineCollector, KnowledgeCollector
 
 TOKEN = "s3cret"
 AUTH = {"Authorization": TOKEN}
@@ -212,6 +212,27 @@ def test_knowledge_base_size() -> None:
     registry.register(KnowledgeCollector(Kb()))  # type: ignore[arg-type]
     assert registry.get_sample_value("easllm_knowledge_files") == 2
     assert registry.get_sample_value("easllm_knowledge_chunks") == 7
+
+
+def test_batch_histogram_counts_each_sample_in_its_bucket() -> None:
+    registry = CollectorRegistry()
+    itl = BatchHistogram("t_seconds", "test", (0.01, 0.1, 1))
+    registry.register(itl)
+    itl.observe_many("eas", [0.005, 0.01, 0.05, 0.1, 2.0])  # bounds are inclusive (le)
+    itl.observe_many("eas", [])
+    itl.observe_many("ws", [0.5])
+    get = registry.get_sample_value
+    assert [get("t_seconds_bucket", {"api": "eas", "le": le}) for le in ("0.01", "0.1", "1.0", "+Inf")] == [
+        2,
+        4,
+        4,
+        5,
+    ]
+    assert get("t_seconds_count", {"api": "eas"}) == 5 and get("t_seconds_sum", {"api": "eas"}) == 2.165
+    assert (
+        get("t_seconds_count", {"api": "ws"}) == 1
+        and get("t_seconds_bucket", {"api": "ws", "le": "0.1"}) == 0
+    )
 
 
 # -- request ids and the access log --

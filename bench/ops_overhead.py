@@ -1,0 +1,165 @@
+"""What metrics and history export cost in serving throughput: one engine behind three apps.
+
+    bare            no access log, no round hook (the app as it was before observability)
+    metrics         what `easllm serve` runs without --export-history-path (access log, /metrics)
+    metrics+export  with --export-history-path, 1 s periods (rotation and export happen mid-run)
+
+The three apps share one started engine and are driven in-process over ASGI by --clients
+concurrent clients sending EAS requests; runs are interleaved (bare, metrics, export, bare, …)
+so the machine's load hits all three alike, and the table gives medians over --runs. A second
+table times the exporter alone: `record()` per round, and the export copy.
+
+    .venv/bin/python bench/ops_overhead.py                       # fake engine: the overhead's upper bound
+    .venv/bin/python bench/ops_overhead.py --model gemma3-270m   # a real model on llama.cpp
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from easllm.config import EngineConfig, SamplingDefaults, ServerConfig, easllm_home
+from easllm.engine.base import Engine
+from easllm.engine.factory import build_engine
+from easllm.engine.types import TokenDelta
+from easllm.history.export import HistoryExporter
+from easllm.models.resolve import resolve_model
+from easllm.server.access_log import AccessLog
+from easllm.server.app import create_app
+
+VARIANTS = ("bare", "metrics", "metrics+export")
+
+
+def passthrough(deltas: AsyncIterator[TokenDelta], *args: Any, **kwargs: Any) -> AsyncIterator[TokenDelta]:
+    return deltas
+
+
+def build(variant: str, engine: Engine, tmp: Path, tokens: int) -> Any:
+    config = ServerConfig(
+        data_dir=tmp / variant,
+        sampling=SamplingDefaults(max_new_tokens=tokens, temperature=0.0),
+        export_history_path=tmp / "export" if variant == "metrics+export" else None,
+        export_interval=1.0,
+    )
+    app = create_app(config, engine)
+    if variant == "bare":
+        app.user_middleware = [m for m in app.user_middleware if m.cls is not AccessLog]
+        app.state.rounds.watch = passthrough
+    if app.state.history is not None:
+        app.state.history.start()
+    return app
+
+
+async def drive(app: Any, clients: int, per_client: int, tokens: int) -> tuple[float, int]:
+    """(rounds per second, tokens generated) for clients x per_client requests."""
+    transport = httpx.ASGITransport(app=app)
+    generated = 0
+
+    async def one_client(c: int) -> None:
+        nonlocal generated
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench", timeout=600) as http:
+            for i in range(per_client):
+                body = {"prompt": f"client {c} question {i}: tell me about pumps", "max_new_tokens": tokens}
+                r = await http.post("/", json=body)
+                r.raise_for_status()
+                generated += r.json()["usage"]["completion_tokens"]
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one_client(c) for c in range(clients)))
+    return clients * per_client / (time.perf_counter() - start), generated
+
+
+async def throughput(engine: Engine, args: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
+    await engine.start()
+    try:
+        apps = {v: build(v, engine, tmp, args.tokens) for v in VARIANTS}
+        await drive(apps["bare"], args.clients, 2, args.tokens)  # warm-up
+        rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        for _ in range(args.runs):
+            for v in VARIANTS:
+                rate, _ = await drive(apps[v], args.clients, args.requests, args.tokens)
+                rates[v].append(rate)
+        history = apps["metrics+export"].state.history
+        await asyncio.to_thread(history.close)
+        exported = sum(len(p.read_bytes().splitlines()) for p in (tmp / "export").glob("history-*.jsonl"))
+        expected = args.runs * args.clients * args.requests
+        assert exported == expected, f"{exported} records exported, {expected} rounds answered"
+        return rates
+    finally:
+        await engine.close()
+
+
+def exporter_alone(tmp: Path, n: int) -> tuple[float, float, int]:
+    """(µs per record(), export MB/s, bytes per record) for n records of a typical round."""
+    record = {
+        "time": "2026-01-01T00:00:00.000Z",
+        "service": "bench",
+        "api": "eas",
+        "prompt": "How do I reset the pump controller after a pressure fault? " * 3,
+        "response": "Switch the controller off, wait ten seconds, and hold RESET while switching on. " * 8,
+        "history": [["earlier question", "earlier answer " * 10]] * 2,
+        "parameters": {"max_new_tokens": 256, "temperature": 0.7},
+        "usage": {"prompt_tokens": 120, "completion_tokens": 180, "total_tokens": 300},
+    }
+    line = json.dumps(record).encode() + b"\n"
+    h = HistoryExporter(tmp / "alone-export", tmp / "alone-wal", 3600)
+    start = time.perf_counter()
+    for _ in range(n):
+        h.record(line)
+    per_record = (time.perf_counter() - start) / n * 1e6
+    start = time.perf_counter()
+    assert h.close()
+    export_seconds = time.perf_counter() - start
+    return per_record, n * len(line) / export_seconds / 1e6, len(line)
+
+
+def main() -> None:
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
+    parser.add_argument("--model", default=None, help="bundled model on llama.cpp (default: the fake engine)")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=25, help="per client and run")
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per answer")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--records", type=int, default=20000, help="for the exporter-alone table")
+    args = parser.parse_args()
+    engine_config = EngineConfig(engine=None if args.model else "fake", threads=args.threads, ctx_size=2048)
+    model = None
+    if args.model:
+        model = resolve_model(args.model, easllm_home(), lambda m: print(m, file=sys.stderr))
+        engine_config = replace(engine_config, model_path=args.model)
+    engine = build_engine(engine_config, model)
+    with tempfile.TemporaryDirectory() as tmp:
+        rates = asyncio.run(throughput(engine, args, Path(tmp)))
+        per_record, export_mbs, line_bytes = exporter_alone(Path(tmp), args.records)
+    name = args.model or "fake engine"
+    print(
+        f"\n{name}: {args.clients} clients x {args.requests} EAS requests, {args.tokens} new tokens each, "
+        f"median of {args.runs} interleaved runs"
+    )
+    base = statistics.median(rates["bare"])
+    print(f"{'variant':16} {'rounds/s':>9} {'tokens/s':>9} {'vs bare':>8} {'µs/round':>9}")
+    for v in VARIANTS:
+        rate = statistics.median(rates[v])
+        cost = (1 / rate - 1 / base) * 1e6
+        print(f"{v:16} {rate:9.1f} {rate * args.tokens:9.0f} {rate / base - 1:+8.1%} {cost:9.0f}")
+    print(f"\nexporter alone, {args.records} records of {line_bytes} bytes")
+    print(f"record() {per_record:.1f} µs each (write-ahead log append); export copy {export_mbs:.0f} MB/s")
+
+
+if __name__ == "__main__":
+    main()
