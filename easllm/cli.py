@@ -68,7 +68,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "--ctx-size",
         type=_ranged(int, 16),
         default=8192,
-        help="context window in tokens (capped at the model's; default %(default)s)",
+        help="context window of one sequence in tokens, prompt plus answer (capped at the model's; "
+        "default %(default)s)",
     )
     m.add_argument("--threads", type=_ranged(int, 1), default=None, help="CPU threads (default: all)")
     m.add_argument(
@@ -76,6 +77,27 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         type=_ranged(int, 1),
         default=256,
         help="requests waiting for the engine before 503 (default %(default)s)",
+    )
+    m.add_argument(
+        "--max-batch",
+        "--max-num-seqs",
+        dest="max_batch",
+        type=_ranged(int, 1),
+        default=16,
+        help="llama.cpp: sequences decoded together, each with its own context (default %(default)s)",
+    )
+    m.add_argument(
+        "--max-batch-tokens",
+        type=_ranged(int, 1),
+        default=512,
+        help="llama.cpp: tokens per forward pass, decode tokens plus prompt chunks (default %(default)s)",
+    )
+    m.add_argument(
+        "--kv-size",
+        type=_ranged(int, 16),
+        default=None,
+        help="llama.cpp: KV cache in tokens, shared by all running sequences "
+        "(default: ctx-size x min(4, max-batch); at least ctx-size)",
     )
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s)")
@@ -230,6 +252,9 @@ def configs_from(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
         ctx_size=args.ctx_size,
         threads=args.threads,
         max_queue=args.max_queue,
+        max_batch=args.max_batch,
+        max_batch_tokens=args.max_batch_tokens,
+        kv_size=args.kv_size,
     )
     return server, engine
 

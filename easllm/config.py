@@ -27,10 +27,12 @@ class EngineConfig:
     engine: str | None = None  # transformers | llamacpp | vllm | fake; None: by model format
     cpu: bool = False
     precision: str | None = None  # fp32 | fp16 | bf16; None: by device
-    ctx_size: int = 8192
+    ctx_size: int = 8192  # the context of one sequence: prompt plus answer
     threads: int | None = None
-    max_queue: int = 256
+    max_queue: int = 256  # requests waiting for a slot before 503
     max_batch: int = 16  # sequences decoded together (continuous batching)
+    max_batch_tokens: int = 512  # tokens per forward pass: decode tokens plus prefill chunks
+    kv_size: int | None = None  # KV cache tokens shared by all sequences; None: ctx_size x min(4, max_batch)
 
 
 @dataclass(frozen=True)
