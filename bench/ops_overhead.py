@@ -6,8 +6,10 @@
 
 The three apps share one started engine and are driven in-process over ASGI by --clients
 concurrent clients sending EAS requests; runs are interleaved (bare, metrics, export, bare, …)
-so the machine's load hits all three alike, and the table gives medians over --runs. A second
-table times the exporter alone: `record()` per round, and the export copy.
+so the machine's load hits all three alike, and the table gives medians over --runs. CPU time
+(process time: every client, the server and the engine run in this one process) is the measure
+that other load on the machine does not disturb; the wall-clock rate is shown beside it. Then the
+round hook alone (CPU per round) and the exporter alone (`record()`, the export copy).
 
     .venv/bin/python bench/ops_overhead.py                       # fake engine: the overhead's upper bound
     .venv/bin/python bench/ops_overhead.py --model gemma3-270m   # a real model on llama.cpp
@@ -31,14 +33,17 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from easllm.chat.template import Conversation
 from easllm.config import EngineConfig, SamplingDefaults, ServerConfig, easllm_home
 from easllm.engine.base import Engine
 from easllm.engine.factory import build_engine
-from easllm.engine.types import TokenDelta
+from easllm.engine.types import FinishReason, GenerationRequest, TokenDelta, Usage
 from easllm.history.export import HistoryExporter
 from easllm.models.resolve import resolve_model
 from easllm.server.access_log import AccessLog
 from easllm.server.app import create_app
+from easllm.server.metrics import ServiceMetrics
+from easllm.server.observability import RoundObserver
 
 VARIANTS = ("bare", "metrics", "metrics+export")
 
@@ -63,35 +68,37 @@ def build(variant: str, engine: Engine, tmp: Path, tokens: int) -> Any:
     return app
 
 
-async def drive(app: Any, clients: int, per_client: int, tokens: int) -> tuple[float, int]:
-    """(rounds per second, tokens generated) for clients x per_client requests."""
+async def drive(app: Any, clients: int, per_client: int, tokens: int) -> tuple[float, float]:
+    """(rounds per second, CPU µs per round) for clients x per_client requests. Clients, server and
+    engine all run in this process: its CPU time is what a round costs, whatever else loads the
+    machine, while the wall-clock rate moves with that load."""
     transport = httpx.ASGITransport(app=app)
-    generated = 0
 
     async def one_client(c: int) -> None:
-        nonlocal generated
         async with httpx.AsyncClient(transport=transport, base_url="http://bench", timeout=600) as http:
             for i in range(per_client):
                 body = {"prompt": f"client {c} question {i}: tell me about pumps", "max_new_tokens": tokens}
                 r = await http.post("/", json=body)
                 r.raise_for_status()
-                generated += r.json()["usage"]["completion_tokens"]
+                assert r.json()["usage"]["completion_tokens"] == tokens
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(one_client(c) for c in range(clients)))
-    return clients * per_client / (time.perf_counter() - start), generated
+    rounds = clients * per_client
+    return rounds / (time.perf_counter() - start), (time.process_time() - cpu) / rounds * 1e6
 
 
-async def throughput(engine: Engine, args: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
+async def throughput(
+    engine: Engine, args: argparse.Namespace, tmp: Path
+) -> dict[str, list[tuple[float, float]]]:
     await engine.start()
     try:
         apps = {v: build(v, engine, tmp, args.tokens) for v in VARIANTS}
         await drive(apps["bare"], args.clients, 2, args.tokens)  # warm-up
-        rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        rates: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
         for _ in range(args.runs):
             for v in VARIANTS:
-                rate, _ = await drive(apps[v], args.clients, args.requests, args.tokens)
-                rates[v].append(rate)
+                rates[v].append(await drive(apps[v], args.clients, args.requests, args.tokens))
         history = apps["metrics+export"].state.history
         await asyncio.to_thread(history.close)
         exported = sum(len(p.read_bytes().splitlines()) for p in (tmp / "export").glob("history-*.jsonl"))
@@ -100,6 +107,35 @@ async def throughput(engine: Engine, args: argparse.Namespace, tmp: Path) -> dic
         return rates
     finally:
         await engine.close()
+
+
+async def hook_cost(engine: Engine, tmp: Path, tokens: int, n: int = 2000) -> tuple[float, float]:
+    """CPU µs per round that the round hook adds (metrics; metrics + export), timed by
+    process_time so that other processes on the machine do not count."""
+    conv = Conversation("How do I reset the pump controller? " * 3, "Be brief.", (("q", "a " * 40),) * 2)
+    req = GenerationRequest([1] * 50)
+
+    async def deltas() -> AsyncIterator[TokenDelta]:
+        for _ in range(tokens):
+            yield TokenDelta("r", "word ", [5])
+        yield TokenDelta("r", "", [], FinishReason.LENGTH, Usage(50, tokens))
+
+    history = HistoryExporter(tmp / "hook-export", tmp / "hook-wal", 3600)
+    observers = [
+        None,
+        RoundObserver("bench", engine, ServiceMetrics(engine)),
+        RoundObserver("bench", engine, ServiceMetrics(engine), history),
+    ]
+    cpu = []
+    for observer in observers:
+        start = time.process_time()
+        for _ in range(n):
+            stream = deltas() if observer is None else observer.watch(deltas(), "eas", None, conv, req)
+            async for _delta in stream:
+                pass
+        cpu.append((time.process_time() - start) / n * 1e6)
+    history.close()
+    return cpu[1] - cpu[0], cpu[2] - cpu[1]
 
 
 def exporter_alone(tmp: Path, n: int) -> tuple[float, float, int]:
@@ -145,18 +181,21 @@ def main() -> None:
     engine = build_engine(engine_config, model)
     with tempfile.TemporaryDirectory() as tmp:
         rates = asyncio.run(throughput(engine, args, Path(tmp)))
+        metrics_cpu, export_cpu = asyncio.run(hook_cost(engine, Path(tmp), args.tokens))
         per_record, export_mbs, line_bytes = exporter_alone(Path(tmp), args.records)
     name = args.model or "fake engine"
     print(
         f"\n{name}: {args.clients} clients x {args.requests} EAS requests, {args.tokens} new tokens each, "
         f"median of {args.runs} interleaved runs"
     )
-    base = statistics.median(rates["bare"])
-    print(f"{'variant':16} {'rounds/s':>9} {'tokens/s':>9} {'vs bare':>8} {'µs/round':>9}")
+    base = statistics.median(cpu for _, cpu in rates["bare"])
+    print(f"{'variant':16} {'rounds/s':>9} {'tokens/s':>9} {'CPU µs/round':>13} {'CPU vs bare':>12}")
     for v in VARIANTS:
-        rate = statistics.median(rates[v])
-        cost = (1 / rate - 1 / base) * 1e6
-        print(f"{v:16} {rate:9.1f} {rate * args.tokens:9.0f} {rate / base - 1:+8.1%} {cost:9.0f}")
+        rate = statistics.median(r for r, _ in rates[v])
+        cpu = statistics.median(c for _, c in rates[v])
+        print(f"{v:16} {rate:9.1f} {rate * args.tokens:9.0f} {cpu:13.0f} {cpu / base - 1:+12.1%}")
+    print(f"\nthe round hook alone, CPU per {args.tokens}-token round")
+    print(f"metrics {metrics_cpu:.0f} µs; history export {export_cpu:.0f} µs more")
     print(f"\nexporter alone, {args.records} records of {line_bytes} bytes")
     print(f"record() {per_record:.1f} µs each (write-ahead log append); export copy {export_mbs:.0f} MB/s")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,7 +41,8 @@ class RoundRecord:
 
     def to_json(self) -> dict[str, Any]:
         conv = self.conversation
-        parameters = asdict(self.sampling)
+        sampling = self.sampling  # not asdict(): ten times slower, and nothing here is nested
+        parameters = {f.name: getattr(sampling, f.name) for f in fields(sampling)}
         parameters["stop"] = list(self.sampling.stop)
         return {
             "time": utc_iso(self.time),
