@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 ARGS ?=
 
-.PHONY: install install-test serve test lint clean
+.PHONY: install install-test serve test lint clean chromium
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -52,7 +52,20 @@ install-test: $(VENV)/.test-installed
 serve: install
 	$(VENV)/bin/easllm serve --host $(HOST) --port $(PORT) $(ARGS)
 
-test: install-test
+# The browser tests drive Debian's Chromium through Playwright (never `playwright install`).
+# Installed here when missing and possible (root, or passwordless sudo); otherwise they skip.
+CHROMIUM ?= /usr/bin/chromium
+chromium:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt=apt-get; else apt="sudo -n apt-get"; fi; \
+	  echo ">> installing Debian's chromium for the browser tests"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $$apt install -y -q chromium >/dev/null 2>&1 \
+	    || { $$apt update -q >/dev/null 2>&1 && $$apt install -y -q chromium >/dev/null 2>&1; } \
+	    || echo ">> chromium could not be installed here: the browser tests will skip"; \
+	fi
+
+test: install-test chromium
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install-test

@@ -1,0 +1,176 @@
+"""A chat panel: the message box, Send / Stop / Clear, and the answer streaming in.
+
+Used twice: by the Chat tab (plain chat) and by the knowledge-base tab (`use_knowledge`: grounded on
+the service's knowledge base, with the sources under each answer). Both call the service's own
+ChatService in-process, so the WebUI shares the API's engine, queue and knowledge base.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from easllm.chat.service import ChatService
+from easllm.engine.base import EngineError, EngineOverloaded
+from easllm.engine.types import Usage
+from easllm.errors import InvalidRequest, NotReady
+from easllm.webui.messages import (
+    Controls,
+    Message,
+    assistant_message,
+    conversation,
+    sources_message,
+    stats_line,
+    user_message,
+)
+
+log = logging.getLogger(__name__)
+
+Update = tuple[Any, list[Message], str]  # (message box, chat, stats line)
+
+
+@dataclass
+class ParameterControls:
+    """The shared controls (system prompt and sampling), created once and read by every chat."""
+
+    system_prompt: gr.Textbox
+    max_new_tokens: gr.Slider
+    temperature: gr.Slider
+    top_p: gr.Slider
+    top_k: gr.Slider
+
+    def inputs(self) -> list[gr.components.Component]:
+        return [self.system_prompt, self.max_new_tokens, self.temperature, self.top_p, self.top_k]
+
+
+class ChatRunner:
+    """The event handler behind Send: one round, streamed; closing it (Stop) aborts the engine request."""
+
+    def __init__(self, service: ChatService, use_knowledge: bool = False) -> None:
+        self.service = service
+        self.use_knowledge = use_knowledge
+
+    async def respond(
+        self,
+        message: str,
+        chat: list[Message] | None,
+        system_prompt: str,
+        max_new_tokens: float,
+        temperature: float,
+        top_p: float,
+        top_k: float,
+    ) -> AsyncIterator[Update]:
+        text = (message or "").strip()
+        chat = list(chat or [])
+        if not text:
+            raise gr.Error("Type a message first.", duration=5, print_exception=False)
+        controls = Controls(system_prompt or "", max_new_tokens, temperature, top_p, top_k)
+        if self.use_knowledge:
+            self._require_knowledge()
+        try:
+            prepared = await self.service.prepare_async(
+                conversation(text, chat, controls.system_prompt),
+                controls.sampling(),
+                use_knowledge=self.use_knowledge,
+            )
+        except (InvalidRequest, NotReady) as exc:
+            raise _page_error(exc) from exc
+        shown = [*chat, user_message(text), assistant_message("")]
+        yield "", list(shown), "Generating…"
+        parts: list[str] = []
+        usage: Usage | None = None
+        finish: str | None = None
+        started = time.monotonic()
+        first_at: float | None = None
+        try:
+            async with aclosing(self.service.stream(prepared.request)) as deltas:
+                async for delta in deltas:
+                    if delta.text:
+                        first_at = first_at or time.monotonic()
+                        parts.append(delta.text)
+                        shown[-1] = assistant_message("".join(parts))
+                    if delta.finish_reason is not None:
+                        usage, finish = delta.usage, delta.finish_reason.value
+                    yield "", list(shown), ""
+        except (EngineError, NotReady) as exc:
+            log.warning("webui: generation failed: %s", exc)
+            if not parts:  # nothing shown yet: give the message back for another try
+                yield text, chat, ""
+            raise _page_error(exc) from exc
+        if self.use_knowledge:
+            shown.append(sources_message(prepared.sources))
+        ended = time.monotonic()
+        first = (first_at or ended) - started
+        yield "", shown, stats_line(usage, ended - started, first, finish)
+
+    def _require_knowledge(self) -> None:
+        kb = self.service.knowledge
+        if kb is None or kb.is_empty():
+            raise gr.Error(
+                "The knowledge base is empty: upload files above and press “Vectorstore knowledge” first.",
+                duration=None,
+                print_exception=False,
+            )
+
+
+def _page_error(exc: Exception) -> gr.Error:
+    if isinstance(exc, EngineOverloaded):
+        return gr.Error("The server is busy: try again in a moment.", print_exception=False)
+    if isinstance(exc, NotReady):
+        return gr.Error("The model is still loading: try again in a moment.", print_exception=False)
+    message = exc.message if isinstance(exc, InvalidRequest) else str(exc)
+    return gr.Error(message, duration=None, print_exception=False)
+
+
+def build_chat_panel(
+    runner: ChatRunner, controls: ParameterControls, prefix: str, placeholder: str
+) -> gr.Chatbot:
+    """Lay out one chat and wire its events; `prefix` makes the element ids unique on the page."""
+    chatbot = gr.Chatbot(
+        label="Conversation",
+        elem_id=f"{prefix}-chatbot",
+        height=460,
+        buttons=["copy", "copy_all"],
+        feedback_options=None,
+        group_consecutive_messages=False,
+    )
+    box = gr.Textbox(
+        placeholder=placeholder,
+        show_label=False,
+        lines=2,
+        max_lines=8,
+        elem_id=f"{prefix}-message",
+        submit_btn=False,
+    )
+    with gr.Row():
+        send = gr.Button("Send", variant="primary", elem_id=f"{prefix}-send", scale=3)
+        stop = gr.Button("Stop", variant="stop", elem_id=f"{prefix}-stop", scale=1)
+        clear = gr.Button("Clear", elem_id=f"{prefix}-clear", scale=1)
+    stats = gr.Markdown("", elem_id=f"{prefix}-stats")
+
+    inputs = [box, chatbot, *controls.inputs()]
+    outputs = [box, chatbot, stats]
+    common: dict[str, Any] = {
+        "inputs": inputs,
+        "outputs": outputs,
+        "concurrency_limit": None,  # the engine queues and batches; Gradio should not serialise users
+        "show_progress": "hidden",
+        "api_visibility": "private",
+    }
+    by_click = send.click(runner.respond, **common)
+    by_enter = box.submit(runner.respond, **common)
+    running = [by_click, by_enter]
+    stop.click(None, cancels=running, api_visibility="private")
+    clear.click(_cleared, outputs=[box, chatbot, stats], cancels=running, api_visibility="private")
+    chatbot.clear(None, cancels=running, api_visibility="private")  # its own bin icon stops an answer too
+    return chatbot
+
+
+def _cleared() -> Update:
+    return "", [], ""

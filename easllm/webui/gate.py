@@ -1,0 +1,108 @@
+"""The WebUI's door when the service has a token: only the login page passes without a session.
+
+Gradio's own `auth` guards its data routes, but leaves some open (cancel, reset, heartbeat,
+streams) and embeds its API description in the login page. This gate wraps the mounted Gradio
+app and answers 401 to everything but the login page's shell (the HTML, its scripts, styles and
+fonts, and the login call itself) until the browser holds a session cookie that Gradio issued
+after a correct token. Fails closed: if Gradio's session store cannot be read, nobody passes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from starlette.requests import cookie_parser
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
+
+# Route paths (below the mount) that the login page itself needs.
+OPEN_EXACT = frozenset(
+    {
+        "",
+        "/",
+        "/login",
+        "/login/",
+        "/logout",
+        "/logout/",
+        "/theme.css",
+        "/favicon.ico",
+        "/robots.txt",
+        "/manifest.json",
+        "/gradio_api/login_check",
+        "/gradio_api/login_check/",
+    }
+)
+OPEN_PREFIXES = ("/assets/", "/static/", "/svelte/")
+
+
+class WebUIGate:
+    def __init__(self, app: ASGIApp, gradio_app: object) -> None:
+        self.app = app
+        self.gradio_app = gradio_app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or self._allowed(scope):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": "log in to the WebUI first"})
+            return
+        body = json.dumps(
+            {
+                "error": {
+                    "message": "log in to the WebUI first (the service token is the password)",
+                    "type": "authentication_error",
+                    "param": None,
+                    "code": 401,
+                }
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    def _allowed(self, scope: Scope) -> bool:
+        path = route_path(scope)
+        if scope["type"] == "http" and (path in OPEN_EXACT or path.startswith(OPEN_PREFIXES)):
+            return True
+        return self._logged_in(scope)
+
+    def _logged_in(self, scope: Scope) -> bool:
+        tokens = getattr(self.gradio_app, "tokens", None)
+        cookie_id = getattr(self.gradio_app, "cookie_id", None)
+        if not isinstance(tokens, dict) or not cookie_id:
+            log.error("webui gate: Gradio's session store is not readable; refusing")
+            return False
+        cookies = request_cookies(scope)
+        for name in (f"access-token-{cookie_id}", f"access-token-unsecure-{cookie_id}"):
+            value = cookies.get(name)
+            if value and value in tokens:
+                return True
+        return False
+
+
+def route_path(scope: Scope) -> str:
+    """The path below the mount point (Starlette keeps the full path and adds the mount to root_path)."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root) :]
+    return path
+
+
+def request_cookies(scope: Scope) -> dict[str, str]:
+    cookies: dict[str, str] = {}
+    for key, value in scope.get("headers", []):
+        if key == b"cookie":
+            cookies.update(cookie_parser(value.decode("latin-1")))
+    return cookies
