@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from easllm.config import easllm_home
 from easllm.control.config import ConsoleConfig
 from easllm.control.machine import Machine, detect_machine
 from easllm.control.recommend import Recommendation, recommend
@@ -103,7 +104,7 @@ class Controller:
 
     # checks --------------------------------------------------------------------------------------
     def check(self, spec: ServiceSpec) -> Recommendation:
-        return recommend(spec, self.machine(), self.config.state_dir)
+        return recommend(spec, self.machine(), easllm_home())  # where the replicas look for models
 
     def _refuse_unless_fits(self, spec: ServiceSpec) -> Recommendation:
         rec = self.check(spec)
