@@ -335,7 +335,9 @@ def test_update_under_load_fails_no_request(console: ConsoleProcess) -> None:
     with Load(service["invocation"]["endpoint"], service["token"]) as load:
         time.sleep(1.5)
         during = load.ok
-        out = console.cli("update", "rolling", "--serve-args", "--max-new-tokens 4 --api-only")
+        out = console.cli(
+            "update", "rolling", "--model", "gemma3-270m", "--serve-args", "--max-new-tokens 4 --api-only"
+        )
         assert out.returncode == 0, out.stderr + console.log()
         switched_at = len(load.tokens_seen)
         time.sleep(1.5)
@@ -344,6 +346,10 @@ def test_update_under_load_fails_no_request(console: ConsoleProcess) -> None:
     assert set(load.tokens_seen[:5]) == {8} and set(load.tokens_seen[switched_at + 20 :]) == {4}
     service = console.describe("rolling")
     assert [(v["version"], v["status"]) for v in service["versions"]] == [(1, "superseded"), (2, "active")]
+    assert (
+        service["spec"]["model"] == "gemma3-270m"
+        and service["versions"][0]["model"] == "qwen2.5-0.5b-instruct"
+    )
     assert old_pid not in [i["pid"] for i in service["instances"]] and not alive(old_pid)
     assert [e["kind"] for e in service["events"]].count("switch") == 1
 
