@@ -99,6 +99,12 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="llama.cpp: KV cache in tokens, shared by all running sequences "
         "(default: ctx-size x min(4, max-batch); at least ctx-size)",
     )
+    m.add_argument(
+        "--tensor-parallel-size",
+        type=_ranged(int, 1),
+        default=1,
+        help="vLLM: GPUs one model is split over (default %(default)s)",
+    )
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s)")
     s.add_argument("--port", type=_ranged(int, 1, 65535), default=8000, help="port (default %(default)s)")
@@ -255,6 +261,7 @@ def configs_from(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
         max_batch=args.max_batch,
         max_batch_tokens=args.max_batch_tokens,
         kv_size=args.kv_size,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     return server, engine
 

@@ -33,6 +33,7 @@ class EngineConfig:
     max_batch: int = 16  # sequences decoded together (continuous batching)
     max_batch_tokens: int = 512  # tokens per forward pass: decode tokens plus prefill chunks
     kv_size: int | None = None  # KV cache tokens shared by all sequences; None: ctx_size x min(4, max_batch)
+    tensor_parallel_size: int = 1  # vLLM: GPUs one replica's model is split over
 
 
 @dataclass(frozen=True)

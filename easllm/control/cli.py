@@ -51,6 +51,15 @@ def add_console_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
     )
     console.add_argument("--health-interval", type=float, default=2.0, help="seconds between health checks")
     console.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
+    console.add_argument(
+        "--ray-address",
+        default=os.environ.get("EASLLM_RAY_ADDRESS"),
+        help='Ray cluster for services with "runtime": "ray" (HOST:PORT of `ray start --head`, auto, '
+        "or local for a private one-machine cluster; default: $EASLLM_RAY_ADDRESS)",
+    )
+    console.add_argument(
+        "--ray-serve-port", type=int, default=8000, help="port of Ray Serve's HTTP proxy (%(default)s)"
+    )
 
     deploy = sub.add_parser("deploy", help="deploy a named service (from flags or a JSON spec)")
     _client_flags(deploy)
@@ -119,6 +128,11 @@ def _spec_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", type=int, help="GPUs per replica (0: CPU)")
     p.add_argument("--token", help="service token (default on deploy: generated)")
     p.add_argument("--serve-args", help='extra `easllm serve` flags, e.g. "--max-new-tokens 512"')
+    p.add_argument("--runtime", choices=("local", "ray"), help="local processes, or Ray Serve")
+    p.add_argument("--ray-address", help="runtime ray: the cluster (default: the console's --ray-address)")
+    p.add_argument("--min-replicas", type=int, help="runtime ray: autoscale down to this many")
+    p.add_argument("--max-replicas", type=int, help="runtime ray: autoscale up to this many")
+    p.add_argument("--target-ongoing-requests", type=float, help="runtime ray: requests per replica")
 
 
 def _wait_flags(p: argparse.ArgumentParser) -> None:
@@ -138,6 +152,21 @@ def _spec_from_flags(args: argparse.Namespace) -> dict[str, Any]:
         spec["resources"] = resources
     if args.serve_args is not None:
         spec["args"] = shlex.split(args.serve_args)
+    if args.runtime is not None:
+        spec["runtime"] = args.runtime
+    if args.ray_address is not None:
+        spec["ray_address"] = args.ray_address
+    scaling = {
+        k: v
+        for k, v in (
+            ("min_replicas", args.min_replicas),
+            ("max_replicas", args.max_replicas),
+            ("target_ongoing_requests", args.target_ongoing_requests),
+        )
+        if v is not None
+    }
+    if scaling:
+        spec["autoscaling"] = scaling
     return spec
 
 
@@ -189,6 +218,8 @@ def _console(args: argparse.Namespace) -> int:
         startup_timeout=args.startup_timeout,
         drain_timeout=args.drain_timeout,
         log_level=args.log_level,
+        ray_address=args.ray_address,
+        ray_serve_port=args.ray_serve_port,
     )
     if not args.admin_token:
         print(f"easllm console: admin token in {state_dir / 'console-admin-token'}", flush=True)

@@ -26,6 +26,8 @@ class ConsoleConfig:
     drain_timeout: float = 120.0  # longest wait for in-flight requests before stopping a replica
     max_failed_starts: int = 5  # starts in a row that die before ready: the replica is marked failed
     log_level: str = "INFO"
+    ray_address: str | None = None  # the Ray cluster for `"runtime": "ray"` services; `local`: a private one
+    ray_serve_port: int = 8000  # where Ray Serve's HTTP proxy listens (loopback of the head node)
 
     @property
     def database_url(self) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 from easllm.config import easllm_home
 from easllm.control.config import ConsoleConfig
 from easllm.control.machine import Machine, detect_machine
+from easllm.control.ray_services import RayServices
 from easllm.control.recommend import Recommendation, recommend
 from easllm.control.registry import NameTaken, Registry, ServiceRecord, UnknownService
 from easllm.control.routing import ReplicaState, RoutingTable, ServiceRoute
@@ -46,6 +47,7 @@ class Controller:
         self.runtime = runtime or LocalRuntime()
         self.routing = routing or RoutingTable()
         self.supervisor = Supervisor(config, registry, self.runtime, self.routing)
+        self.ray = RayServices(config, registry, self.routing, self.supervisor.spec, self.supervisor.busy)
         self.machine = machine
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -54,12 +56,14 @@ class Controller:
     # life of the console -------------------------------------------------------------------------
     async def open(self) -> None:
         await self.restore()
+        self.ray.open()  # `"runtime": "ray"` services: Serve runs their replicas
         self._loop = asyncio.create_task(self.supervisor.run(), name="supervisor")
 
     async def close(self) -> None:
         for task in [*self._tasks, *([self._loop] if self._loop else [])]:
             task.cancel()
         await asyncio.gather(*self._tasks, *([self._loop] if self._loop else []), return_exceptions=True)
+        await self.ray.close()
         if not self.config.keep_replicas:
             replicas = list(self.supervisor.replicas.values())
             await asyncio.gather(*(self.runtime.stop(r.pid, r.pid_started) for r in replicas))
@@ -81,6 +85,9 @@ class Controller:
                     self.registry.add_event(
                         name, "update", f"version {version.version}: interrupted by a restart"
                     )
+            if self.ray.owns(name):
+                self.ray.adopt(record)
+                continue
             stale = []
             for row in self.registry.replicas(name):
                 keep = running and row.version == record.current_version and row.status != "failed"
@@ -142,7 +149,10 @@ class Controller:
             raise Conflict(f"a service named {spec.name} exists already", "name")
         except UnknownService:
             pass
-        self._refuse_unless_fits(spec)
+        if spec.runtime == "ray":
+            await self.ray.prepare(spec)
+        else:
+            self._refuse_unless_fits(spec)
         spec = spec.with_token()
         lock = self._lock(spec.name)
         try:
@@ -152,7 +162,9 @@ class Controller:
         self.registry.set_version_status(spec.name, 1, "active")
         self.routing.add(ServiceRoute(spec.name, record.token, 1))
         async with lock:
-            for _ in range(spec.replicas):
+            if spec.runtime == "ray":
+                await self.ray.deploy(spec, 1)
+            for _ in range(spec.replicas if spec.runtime == "local" else 0):
                 self.supervisor.launch(spec.name, 1, spec)
         return record
 
@@ -164,7 +176,11 @@ class Controller:
         if new == old:
             raise InvalidRequest("the update changes nothing", next(iter(changes), None))
         scale_only = new.model_copy(update={"replicas": old.replicas}) == old
-        if record.desired == "running" and not (scale_only and new.replicas <= old.replicas):
+        if new.runtime != old.runtime:
+            raise InvalidRequest("runtime: a service keeps its runtime (deploy a new service)", "runtime")
+        if new.runtime == "ray":
+            await self.ray.prepare(new)
+        elif record.desired == "running" and not (scale_only and new.replicas <= old.replicas):
             extra = new.replicas - old.replicas if scale_only else new.replicas
             self._refuse_unless_fits(new.model_copy(update={"replicas": extra}))
         lock = self._lock(name)
@@ -178,7 +194,12 @@ class Controller:
             return version
         self.supervisor.busy[name] = "updating"
         self.registry.update_service(name, status="updating")
-        work = self._scale(name, version, new) if scale_only else self._roll_out(name, version, record, new)
+        if new.runtime == "ray":
+            work = self.ray.roll_out(name, version, record.current_version, new, self._switch)
+        else:
+            work = (
+                self._scale(name, version, new) if scale_only else self._roll_out(name, version, record, new)
+            )
         self._spawn(self._finishing(name, work), lock)
         return version
 
@@ -187,6 +208,12 @@ class Controller:
             await work
         finally:
             self.supervisor.busy.pop(name, None)
+            self._refresh(name)
+
+    def _refresh(self, name: str) -> None:
+        if self.ray.owns(name):
+            self.ray.refresh(name)
+        else:
             self.supervisor.refresh_status(name)
 
     async def _roll_out(self, name: str, version: int, record: ServiceRecord, spec: ServiceSpec) -> None:
@@ -256,11 +283,13 @@ class Controller:
             route = self.routing.route(name)
             if route is not None:
                 route.accepting, route.closed_reason = False, stopped_message(name)
+            if self.ray.owns(name):
+                await self.ray.stop(name)
             await self._drain_and_retire(name, self.supervisor.of(name))
             self.registry.add_event(name, "stop", "stopped")
         finally:
             self.supervisor.busy.pop(name, None)
-            self.supervisor.refresh_status(name)
+            self._refresh(name)
 
     async def start(self, name: str) -> ServiceRecord:
         record = self.registry.get(name)
@@ -273,7 +302,9 @@ class Controller:
             route = self.routing.route(name)
             if route is not None:
                 route.accepting = True
-            for _ in range(spec.replicas):
+            if spec.runtime == "ray":
+                await self.ray.start(name, record.current_version, spec)
+            for _ in range(spec.replicas if spec.runtime == "local" else 0):
                 self.supervisor.launch(name, record.current_version, spec)
             self.registry.add_event(
                 name, "start", f"starting {spec.replicas} replica(s) of version {record.current_version}"
@@ -284,6 +315,7 @@ class Controller:
         self.registry.get(name)
         async with self._lock(name):
             await self._stop(name)
+            self.ray.forget(name)
             self.routing.remove(name)
             self.registry.delete_service(name)
             for key in [k for k in self.supervisor.specs if k[0] == name]:
@@ -310,7 +342,9 @@ class Controller:
                 "webui": f"{endpoint}/webui/",
                 "curl": f'curl {endpoint} -H "Authorization: {record.token}" --data-binary @prompt.txt',
             },
-            "instances": [
+            "instances": self.ray.instances(name, record.current_version)
+            if spec.runtime == "ray"
+            else [
                 _replica_json(
                     replicas.get(row.id), row.id, row.version, row.port, row.pid, row.status, row.restarts
                 )
@@ -345,7 +379,10 @@ class Controller:
             "version": record.current_version,
             "model": spec.model,
             "engine": spec.engine,
-            "replicas": {"wanted": spec.replicas, "ready": len(ready)},
+            "replicas": {
+                "wanted": spec.replicas,
+                "ready": self.ray.ready(record.name) if spec.runtime == "ray" else len(ready),
+            },
             "endpoint": self.config.endpoint(record.name),
             "webui": f"{self.config.endpoint(record.name)}/webui/",
             "created_at": record.created_at.isoformat(),

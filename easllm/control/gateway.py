@@ -213,7 +213,7 @@ async def _connect_upstream(
         tried.add(replica.id)
         replica.outstanding += 1
         replica.served += 1
-        url = f"ws://127.0.0.1:{replica.port}/{path}" + (f"?{query}" if query else "")
+        url = replica.url.replace("http", "ws", 1) + f"/{path}" + (f"?{query}" if query else "")
         try:
             upstream = await connect(
                 url,

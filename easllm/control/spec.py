@@ -16,13 +16,22 @@ import re
 import secrets
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from easllm.errors import InvalidRequest
 
 NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 Engine = Literal["transformers", "llamacpp", "vllm", "fake"]
 Precision = Literal["fp32", "fp16", "bf16"]
+Runtime = Literal["local", "ray"]
 MAX_REPLICAS = 16
 # serve flags set from spec fields or by the console itself: dest -> the spec field to use instead
 OWNED_FLAGS = {
@@ -35,6 +44,7 @@ OWNED_FLAGS = {
     "service_name": "name",
     "root_path": "(set by the console)",
     "cpu": "resources.gpu (0 = CPU only)",
+    "tensor_parallel_size": "resources.gpu (vllm: GPUs per replica)",
 }
 
 
@@ -44,6 +54,24 @@ class Resources(BaseModel):
     cpu: int | None = Field(None, ge=1, le=1024, description="CPU cores (also the engine's threads)")
     memory: int | None = Field(None, ge=64, description="memory in MiB")
     gpu: int = Field(0, ge=0, le=16, description="GPUs; 0 runs on the CPU")
+
+
+class Autoscaling(BaseModel):
+    """Ray Serve's autoscaling: replicas between min and max, by requests in flight per replica."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0, le=MAX_REPLICAS)
+    max_replicas: int = Field(ge=1, le=MAX_REPLICAS)
+    target_ongoing_requests: float = Field(2.0, gt=0, description="requests in flight per replica")
+    upscale_delay_s: float = Field(30.0, ge=0, description="load must last this long before adding")
+    downscale_delay_s: float = Field(600.0, ge=0, description="quiet must last this long before removing")
+
+    @model_validator(mode="after")
+    def _range(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
 
 
 class ServiceSpec(BaseModel):
@@ -57,6 +85,18 @@ class ServiceSpec(BaseModel):
     resources: Resources = Field(default_factory=Resources)
     token: str | None = Field(None, min_length=8, max_length=256)
     args: list[str] = Field(default_factory=list, description="extra `easllm serve` flags")
+    runtime: Runtime = Field("local", description="local: processes on this machine; ray: Ray Serve")
+    autoscaling: Autoscaling | None = Field(None, description="runtime ray: replicas follow the load")
+    ray_address: str | None = Field(
+        None, min_length=1, max_length=512, description="runtime ray: the cluster (default: the console's)"
+    )
+
+    @field_validator("autoscaling", "ray_address")
+    @classmethod
+    def _ray_only(cls, value: object, info: ValidationInfo) -> object:
+        if value is not None and info.data.get("runtime") != "ray":
+            raise ValueError('only for "runtime": "ray"')
+        return value
 
     @field_validator("name")
     @classmethod
@@ -147,8 +187,8 @@ def merge_update(spec: ServiceSpec, changes: dict[str, object]) -> ServiceSpec:
         raise InvalidRequest("name: a service cannot be renamed", "name")
     merged = spec.model_dump()
     for key, value in changes.items():
-        if key == "resources" and isinstance(value, dict):
-            merged["resources"] = {**merged["resources"], **value}
+        if key in ("resources", "autoscaling") and isinstance(value, dict) and merged.get(key):
+            merged[key] = {**merged[key], **value}
         else:
             merged[key] = value
     new = parse_spec(merged)

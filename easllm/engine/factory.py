@@ -38,7 +38,13 @@ def build_engine(config: EngineConfig, model: ResolvedModel | None) -> Engine:
 
         return TransformersEngine(model.path, config, model.name)
     if name == "vllm":
-        raise EngineUnavailable(
-            "the vLLM engine needs a CUDA GPU and vLLM: pip install 'easllm[vllm]' on a GPU machine"
-        )
+        from easllm.engine.backends.vllm import INSTALL_HINT, VllmEngine, vllm_installed
+
+        if not vllm_installed():
+            raise EngineUnavailable(INSTALL_HINT)
+        if model.format != "hf":
+            raise EngineUnavailable(
+                f"--engine vllm needs a Hugging Face model directory (config.json); {model.path} is GGUF"
+            )
+        return VllmEngine(model.path, config, model.name)
     raise EngineUnavailable(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")

@@ -65,6 +65,8 @@ def serve_command(spec: ServiceSpec, port: int, data_dir: Path) -> list[str]:
         cmd += ["--precision", spec.precision]
     if spec.resources.gpu == 0 and spec.engine != "vllm":
         cmd.append("--cpu")
+    if spec.engine == "vllm" and spec.resources.gpu > 1:  # one model over the replica's GPUs
+        cmd += ["--tensor-parallel-size", str(spec.resources.gpu)]
     if spec.resources.cpu and options.threads is None:
         cmd += ["--threads", str(spec.resources.cpu)]
     if options.data_dir is None:
