@@ -118,9 +118,14 @@ def last_answer(page: Page, prefix: str = "chat") -> str:
     return bots.nth(count - 1).inner_text() if count else ""
 
 
-def send_message(page: Page, text: str, prefix: str = "chat") -> None:
-    page.locator(f"#{prefix}-message textarea").fill(text)
-    page.locator(f"#{prefix}-send").click()
+def send_message(page: Page, text: str, prefix: str = "chat", enter: bool = False) -> None:
+    """Type a message and press Send (or Enter in the box)."""
+    box = page.locator(f"#{prefix}-message textarea")
+    box.fill(text)
+    if enter:
+        box.press("Enter")
+    else:
+        page.locator(f"#{prefix}-send").click()
 
 
 def set_number(page: Page, elem_id: str, value: float) -> None:
@@ -154,12 +159,17 @@ def answer_finished(page: Page, prefix: str = "chat") -> bool:
 
 
 def ask(
-    page: Page, text: str, prefix: str = "chat", timeout: float = 60, seen: list[str] | None = None
+    page: Page,
+    text: str,
+    prefix: str = "chat",
+    timeout: float = 60,
+    seen: list[str] | None = None,
+    enter: bool = False,
 ) -> str:
     """Send a message and wait for its whole answer (a new answer bubble, then the stats line);
     `seen` collects the answer as it was at each look, to show that it streamed."""
     before = bot_messages(page, prefix)
-    send_message(page, text, prefix)
+    send_message(page, text, prefix, enter)
     wait_until(lambda: bot_messages(page, prefix) > before, timeout=timeout, what=f"the answer to {text!r}")
 
     def done() -> bool:

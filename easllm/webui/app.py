@@ -17,7 +17,7 @@ from easllm.engine.base import Engine
 from easllm.errors import NotReady
 from easllm.webui.chat_tab import ChatRunner, ParameterControls, build_chat_panel
 from easllm.webui.knowledge_tab import build_knowledge_tab
-from easllm.webui.messages import default_controls
+from easllm.webui.messages import default_controls, md_escape
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +29,17 @@ CSS = """
 """
 
 
-def model_banner(engine: Engine, config: ServerConfig) -> str:
+def model_banner(engine: Engine, config: ServerConfig, load_error: str | None = None) -> str:
+    """The page's first line: which model and engine answer, and whether they are up yet."""
     health = engine.health()
     logout = " · [Log out](logout)" if config.token else ""
+    service = f"**easllm** {__version__} · service `{config.service_name}`"
+    if load_error:
+        return f"{service} · **the model failed to load:** {md_escape(load_error)}{logout}"
     try:
         info = engine.model_info
     except NotReady:
-        return f"**easllm** · service `{config.service_name}` · the model is loading…{logout}"
+        return f"{service} · the model is loading…{logout}"
     state = "ready" if health.ready else "starting"
     return (
         f"**easllm** {__version__} · service `{config.service_name}` · model **{info.name}** · "
@@ -53,7 +57,7 @@ def build_blocks(app: FastAPI) -> gr.Blocks:
     with gr.Blocks(
         title=title, analytics_enabled=False, fill_width=True, delete_cache=(3600, 3600)
     ) as blocks:
-        banner = gr.Markdown(model_banner(engine, config), elem_id="easllm-header")
+        banner = gr.Markdown(model_banner(engine, config, state.load_error), elem_id="easllm-header")
         with gr.Accordion("System prompt and parameters", open=False, elem_id="parameters"):
             system_prompt = gr.Textbox(
                 label="System prompt",
@@ -78,15 +82,28 @@ def build_blocks(app: FastAPI) -> gr.Blocks:
                 )
         with gr.Tabs():
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
-                build_chat_panel(ChatRunner(state.chat), controls, "chat", "Type a message and press Send…")
+                runner = ChatRunner(state.chat, rounds=getattr(state, "rounds", None))
+                build_chat_panel(runner, controls, "chat", "Type a message and press Send…")
             with gr.Tab("Knowledge base (LangChain)", id="knowledge", elem_id="tab-knowledge"):
-                table, chosen, status, actions = build_knowledge_tab(state.knowledge, state.chat, controls)
+                table, chosen, status, actions = build_knowledge_tab(
+                    state.knowledge, state.chat, controls, getattr(state, "rounds", None)
+                )
+
+        def banner_now() -> str:
+            return model_banner(engine, config, state.load_error)
 
         async def on_load() -> tuple[str, list[list[Any]], Any, str]:
             rows, choices, summary = await actions.refresh()
-            return model_banner(engine, config), rows, choices, summary
+            return banner_now(), rows, choices, summary
+
+        def on_tick() -> tuple[str, gr.Timer]:
+            """Until the model is up, the banner is refreshed; then the timer stops."""
+            waiting = not engine.health().ready and not state.load_error
+            return banner_now(), gr.Timer(active=waiting)
 
         blocks.load(on_load, outputs=[banner, table, chosen, status], api_visibility="private")
+        timer = gr.Timer(2.0, active=not engine.health().ready)
+        timer.tick(on_tick, outputs=[banner, timer], show_progress="hidden", api_visibility="private")
     return blocks
 
 

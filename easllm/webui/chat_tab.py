@@ -16,10 +16,12 @@ from typing import Any
 
 import gradio as gr
 
-from easllm.chat.service import ChatService
+from easllm.chat.service import ChatService, PreparedRound
+from easllm.chat.template import Conversation
 from easllm.engine.base import EngineError, EngineOverloaded
-from easllm.engine.types import Usage
+from easllm.engine.types import TokenDelta, Usage
 from easllm.errors import InvalidRequest, NotReady
+from easllm.server.observability import RoundObserver
 from easllm.webui.messages import (
     Controls,
     Message,
@@ -52,9 +54,13 @@ class ParameterControls:
 class ChatRunner:
     """The event handler behind Send: one round, streamed; closing it (Stop) aborts the engine request."""
 
-    def __init__(self, service: ChatService, use_knowledge: bool = False) -> None:
+    def __init__(
+        self, service: ChatService, use_knowledge: bool = False, rounds: RoundObserver | None = None
+    ) -> None:
         self.service = service
         self.use_knowledge = use_knowledge
+        self.rounds = rounds  # metrics and history export, as for every API
+        self.api = "webui.knowledge" if use_knowledge else "webui"
 
     async def respond(
         self,
@@ -65,6 +71,7 @@ class ChatRunner:
         temperature: float,
         top_p: float,
         top_k: float,
+        request: gr.Request | None = None,
     ) -> AsyncIterator[Update]:
         text = (message or "").strip()
         chat = list(chat or [])
@@ -73,9 +80,10 @@ class ChatRunner:
         controls = Controls(system_prompt or "", max_new_tokens, temperature, top_p, top_k)
         if self.use_knowledge:
             self._require_knowledge()
+        conv = conversation(text, chat, controls.system_prompt)
         try:
             prepared = await self.service.prepare_async(
-                conversation(text, chat, controls.system_prompt),
+                conv,
                 controls.sampling(),
                 use_knowledge=self.use_knowledge,
             )
@@ -89,7 +97,7 @@ class ChatRunner:
         started = time.monotonic()
         first_at: float | None = None
         try:
-            async with aclosing(self.service.stream(prepared.request)) as deltas:
+            async with aclosing(self._stream(conv, prepared, request)) as deltas:
                 async for delta in deltas:
                     if delta.text:
                         first_at = first_at or time.monotonic()
@@ -108,6 +116,18 @@ class ChatRunner:
         ended = time.monotonic()
         first = (first_at or ended) - started
         yield "", shown, stats_line(usage, ended - started, first, finish)
+
+    def _stream(
+        self, conv: Conversation, prepared: PreparedRound, request: gr.Request | None
+    ) -> AsyncIterator[TokenDelta]:
+        deltas = self.service.stream(prepared.request)
+        if self.rounds is None:
+            return deltas
+        session = getattr(request, "session_hash", None)
+        client = getattr(getattr(request, "client", None), "host", None)
+        return self.rounds.watch(
+            deltas, self.api, None, conv, prepared.request, prepared.sources, session=session, client=client
+        )
 
     def _require_knowledge(self) -> None:
         kb = self.service.knowledge
@@ -143,7 +163,7 @@ def build_chat_panel(
     box = gr.Textbox(
         placeholder=placeholder,
         show_label=False,
-        lines=2,
+        lines=1,  # Enter sends, Shift+Enter starts a new line; the box grows to max_lines
         max_lines=8,
         elem_id=f"{prefix}-message",
         submit_btn=False,

@@ -18,6 +18,7 @@ from easllm.chat.service import ChatService
 from easllm.errors import InvalidRequest
 from easllm.rag.knowledge import FileNotInKnowledgeBase, IngestProgress, KnowledgeBase
 from easllm.rag.loaders import KINDS
+from easllm.server.observability import RoundObserver
 from easllm.webui.chat_tab import ChatRunner, ParameterControls, build_chat_panel
 from easllm.webui.messages import FILE_COLUMNS, file_rows, md_escape, plural
 
@@ -110,7 +111,7 @@ class KnowledgeActions:
 
 
 def build_knowledge_tab(
-    kb: KnowledgeBase, service: ChatService, controls: ParameterControls
+    kb: KnowledgeBase, service: ChatService, controls: ParameterControls, rounds: RoundObserver | None = None
 ) -> tuple[gr.Dataframe, gr.Dropdown, gr.Markdown, KnowledgeActions]:
     """The tab's layout and events; returns what the page refreshes when it loads."""
     actions = KnowledgeActions(kb)
@@ -164,6 +165,6 @@ def build_knowledge_tab(
         concurrency_id="kb-write",
         api_visibility="private",
     )
-    runner = ChatRunner(service, use_knowledge=True)
+    runner = ChatRunner(service, use_knowledge=True, rounds=rounds)
     build_chat_panel(runner, controls, "kb", "Ask a question about the indexed files…")
     return table, chosen, status, actions

@@ -108,7 +108,8 @@ def test_chat_streams_keeps_rounds_and_stop_aborts_on_the_server(page: Page, ser
     assert page.locator("#chat-message textarea").input_value() == ""
     assert "40 tokens in" in page.locator("#chat-stats").inner_text()
 
-    assert ask(page, "And the second question").startswith("You said: And the second question.")
+    second = ask(page, "And the second question", enter=True)  # Enter sends too
+    assert second.startswith("You said: And the second question.")
     prompt = service.engine.detokenize(service.engine.requests[-1].prompt_token_ids)
     assert "You are terse." in prompt and "Hello there" in prompt and final in prompt  # round one went along
     screenshot(page, "webui-chat-fake.png")
@@ -125,6 +126,10 @@ def test_chat_streams_keeps_rounds_and_stop_aborts_on_the_server(page: Page, ser
     stopped = last_answer(page)
     page.wait_for_timeout(700)
     assert last_answer(page) == stopped and len(stopped.split()) < 300  # nothing more arrived
+
+    metrics = requests.get(f"{service.url}/metrics", headers={"Authorization": TOKEN}, timeout=5).text
+    assert 'easllm_rounds_total{api="webui",finish_reason="length"} 2.0' in metrics
+    assert 'easllm_rounds_total{api="webui",finish_reason="abort"} 1.0' in metrics
 
     page.locator("#chat-clear").click()
     wait_until(lambda: page.locator("#chat-chatbot [data-testid='bot']").count() == 0, what="the clear")

@@ -7,6 +7,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import gradio as gr
 import pytest
@@ -19,6 +21,7 @@ from easllm.engine.backends.fake import FakeEngine
 from easllm.rag.embedder import SharedEmbedder
 from easllm.rag.knowledge import KnowledgeBase
 from easllm.server.app import create_app
+from easllm.webui.app import model_banner
 from easllm.webui.chat_tab import ChatRunner
 from easllm.webui.knowledge_tab import KnowledgeActions
 
@@ -235,3 +238,46 @@ async def test_index_reports_each_file_and_the_grounded_answer_lists_sources(
     assert rows == [] and "**deleted** install.md" in status and "**not found** ghost.md" in status
     with pytest.raises(gr.Error, match="Choose files first"):
         await anext(actions.index([]))
+
+
+async def test_the_banner_names_model_and_engine_and_says_when_it_is_not_up() -> None:
+    engine = FakeEngine(context_length=512)
+    config = ServerConfig(service_name="demo001", token="t")
+    assert "the model is loading…" in model_banner(engine, config)
+    failed = model_banner(engine, config, "no file at /models/x.gguf")
+    assert "**the model failed to load:** no file at /models/x.gguf" in failed
+    await engine.start()
+    try:
+        ready = model_banner(engine, config)
+    finally:
+        await engine.close()
+    assert "service `demo001`" in ready and "model **fake-model**" in ready and "engine **fake**" in ready
+    assert "context 512 tokens · ready" in ready and "[Log out](logout)" in ready
+    assert "Log out" not in model_banner(engine, ServerConfig())
+
+
+async def test_rounds_go_through_the_services_round_hook_with_the_browser_session(engine: FakeEngine) -> None:
+    """Metrics and the history export see WebUI rounds as they see API rounds."""
+    seen: list[dict] = []
+
+    class Hook:
+        def watch(
+            self, deltas: Any, api: str, conn: Any, conv: Any, gen: Any, sources: Any, **kw: Any
+        ) -> Any:
+            seen.append({"api": api, "conn": conn, "prompt": conv.prompt, "gen": gen, **kw})
+            return deltas
+
+    runner = ChatRunner(ChatService(engine, max_round=5), rounds=Hook())  # type: ignore[arg-type]
+    browser = SimpleNamespace(session_hash="sess-1", client=SimpleNamespace(host="10.0.0.9"))
+    states = [u async for u in runner.respond("Hi [eos]", [], "", 8, 0.0, 1.0, 0, browser)]  # type: ignore[arg-type]
+    assert states[-1][1][-1]["content"] == "You said: Hi [eos]."
+    assert seen == [
+        {
+            "api": "webui",
+            "conn": None,
+            "prompt": "Hi [eos]",
+            "gen": engine.requests[-1],
+            "session": "sess-1",
+            "client": "10.0.0.9",
+        }
+    ]
