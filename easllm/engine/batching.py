@@ -196,8 +196,9 @@ class BatchingEngine(ABC):
         while self._take_inbox():
             if not self.scheduler.has_work():
                 continue
+            deltas: list[TokenDelta] = []
             try:
-                self._deliver(self.step())
+                deltas = self.step()
                 self._steps += 1
             except KVCacheFull:
                 if not self.scheduler.preempt_newest():
@@ -205,7 +206,8 @@ class BatchingEngine(ABC):
             except Exception as exc:  # a failed forward pass ends the running requests, not the engine
                 log.exception("engine step failed")
                 self._fail_running(EngineError(f"generation failed: {exc}"))
-            self._publish()
+            self._publish()  # before the deltas: a client that sees its last delta sees its cells freed
+            self._deliver(deltas)
 
     def _take_inbox(self) -> bool:
         """Wait for work; apply new sequences and aborts. False when the engine closes."""
@@ -217,14 +219,16 @@ class BatchingEngine(ABC):
             items, self._inbox = self._inbox, []
             if self._closing:
                 return False
+        aborted = []
         for item in items:
             if isinstance(item, Sequence):
                 self.scheduler.add(item)
             elif (delta := self.scheduler.abort(item)) is not None:
                 self._aborted += 1
                 log.info("request %s aborted", item)
-                self._deliver([delta])
+                aborted.append(delta)
         self._publish()
+        self._deliver(aborted)
         return True
 
     def _publish(self) -> None:
