@@ -136,9 +136,14 @@ def set_number(page: Page, elem_id: str, value: float) -> None:
 
 
 def screenshot(page: Page, name: str) -> Path:
+    """The page as shown (notices closed) into test-artifacts/. Not `full_page`: resizing the
+    viewport re-renders the chat, and its source notes would be caught mid-slide."""
+    for close in page.locator(".toast-close").all():
+        close.click()
+    page.wait_for_timeout(400)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / name
-    page.screenshot(path=str(path), full_page=True)
+    page.screenshot(path=str(path))
     return path
 
 

@@ -60,7 +60,7 @@ def publish(path: Path) -> None:
 
 def test_qwen_in_the_browser(qwen: Server, tmp_path: Path) -> None:
     with chromium() as browser:
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page = browser.new_page(viewport={"width": 1280, "height": 1500})  # both tabs fit, for pictures
         page.set_default_timeout(60_000)
         open_webui(page, qwen.url, TOKEN)
         assert "qwen2.5-0.5b-instruct" in page.locator("#easllm-header").inner_text()
