@@ -93,6 +93,7 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the console
 
     state = Path(tempfile.mkdtemp(prefix="easllm-bench-gateway-"))
     port = free_port()
