@@ -42,9 +42,9 @@ async def follow(
 ) -> AsyncIterator[bytes]:
     """The last `lines` lines, then new lines of every replica log (new replicas included) as they come."""
     paths = replica_logs(log_dir, replica)
+    offsets = {p: p.stat().st_size for p in paths}  # before the tail: a line may repeat, none is lost
     if start := tail_lines(paths, lines).encode():
         yield start  # never an empty chunk: in chunked encoding that would end the response
-    offsets = {p: p.stat().st_size for p in paths}
     pending: dict[Path, bytes] = {}
     while still_wanted():
         await asyncio.sleep(poll)

@@ -406,18 +406,24 @@ def test_a_replica_dying_mid_request_is_retried_or_reported(console: ConsoleProc
 
 
 def test_logs_show_and_follow_the_replicas(console: ConsoleProcess) -> None:
-    out = console.cli("logs", "llm_demo001", "--tail", "3")
-    assert out.returncode == 0 and "[replica-" in out.stdout and len(out.stdout.splitlines()) == 6
+    service = console.deploy("logged", *FAKE, "--replicas", "2")
+    out = console.cli("logs", "logged", "--tail", "3")
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0 and len(lines) == 6, out.stdout
+    assert {line.split("]")[0] for line in lines} == {f"[replica-{i['id']}" for i in service["instances"]}
+    one = service["instances"][0]["id"]
+    only_one = console.cli("logs", "logged", "--replica", str(one)).stdout.splitlines()
+    assert only_one and all("[replica-" not in line for line in only_one), "one replica's log: no labels"
     follow = subprocess.Popen(
-        [sys.executable, "-m", "easllm.cli", "logs", "rolling", "-f", "--tail", "0", "--console", console.url,
+        [sys.executable, "-m", "easllm.cli", "logs", "logged", "-f", "--tail", "1", "--console", console.url,
          "--admin-token", ADMIN],
         stdout=subprocess.PIPE, env=_env(),
     )  # fmt: skip
     try:
-        time.sleep(1.5)
-        service = console.describe("rolling")
-        call(service["invocation"]["endpoint"], service["token"], "follow me")
         assert follow.stdout is not None
+        assert select.select([follow.stdout], [], [], 60)[0], "the last lines come first"
+        follow.stdout.readline()
+        call(service["invocation"]["endpoint"], service["token"], "follow me")
         deadline = time.monotonic() + 20
         seen = b""
         while b"POST" not in seen and (left := deadline - time.monotonic()) > 0:
@@ -428,6 +434,8 @@ def test_logs_show_and_follow_the_replicas(console: ConsoleProcess) -> None:
         follow.terminate()
         follow.wait(timeout=10)
     assert console.cli("logs", "nope").returncode == 2
+    assert console.cli("logs", "logged", "--replica", "99999").returncode == 2
+    console.cli("delete", "logged")
 
 
 def test_stop_start_and_delete(console: ConsoleProcess, tmp_path: Path) -> None:
