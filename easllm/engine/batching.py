@@ -94,6 +94,9 @@ class BatchingEngine(ABC):
             streams, self._streams = self._streams, {}
         for stream in streams.values():
             _deliver_to(stream, EngineError("the engine is shutting down"))
+        if self.scheduler is not None:  # frees their grammars while the model still exists
+            for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+                self.scheduler.abort(seq.request_id)
         if self.runner is not None:
             self.runner.close()
 

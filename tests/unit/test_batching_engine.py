@@ -150,10 +150,11 @@ async def test_not_ready_before_start_and_streams_end_on_close() -> None:
     assert not engine.health().ready
     await engine.start()
     assert engine.health().ready and engine.model_info.features == {"logprobs", "grammar", "penalties"}
-    stream = engine.generate(request(LONG, 500))
+    stream = engine.generate(request(LONG, 500, grammar="abcdefghijklmnopqrstuvwxyz"))
     await anext(stream)
     await engine.close()
     with pytest.raises(EngineError):
         async for _ in stream:
             pass
     assert engine.fake_runner.closed and not engine.health().ready
+    assert engine.fake_runner.grammars[0].closed and engine.fake_runner.kv_cells_used() == 0
