@@ -127,7 +127,10 @@ def _spec_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", type=int, help="memory per replica in MiB")
     p.add_argument("--gpus", type=int, help="GPUs per replica (0: CPU)")
     p.add_argument("--token", help="service token (default on deploy: generated)")
-    p.add_argument("--serve-args", help='extra `easllm serve` flags, e.g. "--max-new-tokens 512"')
+    p.add_argument(
+        "--serve-args",
+        help='extra `easllm serve` flags, e.g. "--max-new-tokens 512" (one flag: --serve-args=--api-only)',
+    )
     p.add_argument("--runtime", choices=("local", "ray"), help="local processes, or Ray Serve")
     p.add_argument("--ray-address", help="runtime ray: the cluster (default: the console's --ray-address)")
     p.add_argument("--min-replicas", type=int, help="runtime ray: autoscale down to this many")

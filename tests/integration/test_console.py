@@ -479,6 +479,19 @@ def test_bad_deploys_are_refused_with_the_reason(console: ConsoleProcess) -> Non
     assert [s["name"] for s in console.api("GET", "/api/services").json()] == ["llm_demo001", "rolling"]
 
 
+def test_a_model_that_cannot_load_fails_without_a_crash_loop(console: ConsoleProcess, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(16) + b"\0" * 4096)  # a header, no model
+    out = console.cli("deploy", "--name", "broken", "--model", str(broken), "--serve-args=--api-only")
+    assert out.returncode == 1 and "version 1 failed" in out.stderr, out.stdout + out.stderr
+    service = console.describe("broken")
+    assert service["status"] == "failed" and service["instances"][0]["status"] == "failed"
+    assert service["instances"][0]["restarts"] == 0, "given up after the first start: no crash loop"
+    assert any("failed to load" in e["message"] for e in service["events"])
+    assert not alive(service["instances"][0]["pid"])
+    assert console.cli("delete", "broken").returncode == 0
+
+
 def test_the_webui_works_through_the_gateway(console: ConsoleProcess) -> None:
     service = console.deploy("web_svc", "--engine", "fake", "--token", "web-token-123")
     base = f"{service['invocation']['webui']}"
