@@ -9,7 +9,14 @@ import sys
 from pathlib import Path
 
 from easllm import __version__
-from easllm.config import EngineConfig, KnowledgeConfig, SamplingDefaults, ServerConfig, easllm_home
+from easllm.config import (
+    EngineConfig,
+    KnowledgeConfig,
+    LimitsConfig,
+    SamplingDefaults,
+    ServerConfig,
+    easllm_home,
+)
 from easllm.engine.factory import ENGINES
 from easllm.logs import LOG_FORMATS
 
@@ -221,6 +228,42 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         default=3600.0,
         help="seconds per export period (default %(default)s)",
     )
+    lim = p.add_argument_group("limits and security (beyond a limit: a clear 413 or 503, never a 500)")
+    lim.add_argument(
+        "--max-body-mb",
+        type=_ranged(float, 0, low_open=True),
+        default=16.0,
+        help="largest HTTP request body and WebSocket message, in MB (knowledge uploads: "
+        "--kb-max-file-mb per file; default %(default)s)",
+    )
+    lim.add_argument(
+        "--max-upload-files",
+        type=_ranged(int, 1),
+        default=32,
+        help="files per knowledge-base upload (default %(default)s)",
+    )
+    lim.add_argument(
+        "--max-connections",
+        type=_ranged(int, 1),
+        default=512,
+        help="HTTP requests in progress plus open WebSockets; one more gets 503 with Retry-After "
+        "(probes excepted; default %(default)s)",
+    )
+    lim.add_argument(
+        "--ws-max-pending",
+        type=_ranged(int, 1),
+        default=64,
+        help="messages one WebSocket may send ahead of its answers; one more closes it with 1008 "
+        "(default %(default)s)",
+    )
+    lim.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a browser origin (e.g. https://app.example.com, or *) allowed to call the API from its "
+        "pages; repeatable. Default: none, CORS closed",
+    )
 
 
 def configs_from(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
@@ -249,6 +292,13 @@ def configs_from(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
             max_file_mb=args.kb_max_file_mb,
         ),
         sampling=SamplingDefaults(args.max_new_tokens, args.temperature, args.top_k, args.top_p),
+        limits=LimitsConfig(
+            max_body_mb=args.max_body_mb,
+            max_upload_files=args.max_upload_files,
+            max_connections=args.max_connections,
+            ws_max_pending=args.ws_max_pending,
+        ),
+        cors_origins=tuple(args.cors_origin),
     )
     engine = EngineConfig(
         model_path=args.model_path,

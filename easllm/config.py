@@ -48,6 +48,16 @@ class KnowledgeConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """What one client may ask of a service; beyond it a clear 413, 503 or error message, never a 500."""
+
+    max_body_mb: float = 16.0  # an HTTP body or one WebSocket message (knowledge uploads: below)
+    max_upload_files: int = 32  # files per knowledge-base upload, each up to KnowledgeConfig.max_file_mb
+    max_connections: int = 512  # HTTP requests in progress plus open WebSockets; one more gets 503
+    ws_max_pending: int = 64  # messages one WebSocket may queue unanswered; one more closes it (1008)
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -61,12 +71,14 @@ class ServerConfig:
     log_level: str = "INFO"
     log_format: str = "text"  # text | json
     metrics_public: bool = False  # /metrics without the token
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; none: CORS closed
     export_history_path: Path | None = None
     export_interval: float = 3600.0
     data_dir: Path | None = None  # knowledge base and other state; None: EASLLM_HOME/services/<name>
     embedding_model: str = "multilingual-e5-small"
     knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     @property
     def service_data_dir(self) -> Path:

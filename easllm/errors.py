@@ -32,6 +32,13 @@ class Conflict(InvalidRequest):
     status = 409
 
 
+class StorageFull(InvalidRequest):
+    """The server's disk is full (or its quota spent): 507. Not the client's fault, but reported like
+    a refusal (per file of an upload, naming the file) so the rest of a request still completes."""
+
+    status = 507
+
+
 class NotReady(RuntimeError):
     """The model is still loading: answered with 503."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +34,30 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
+SECRET_IN_URL = re.compile(r"([?&](?:token|access_token|api_key)=)[^&\s\"']+", re.IGNORECASE)
+REDACTED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "easllm")
+
+
+class RedactSecrets(logging.Filter):
+    """Masks `?token=...` in a record's message: uvicorn logs each WebSocket handshake's URL, and
+    browsers (and the console's gateway) pass the service token there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if SECRET_IN_URL.search(message):
+            record.msg, record.args = SECRET_IN_URL.sub(r"\1***", message), None
+        return True
+
+
+def redact_secrets(*handlers: logging.Handler) -> None:
+    """Install `RedactSecrets` on uvicorn's and our loggers (records logged on them directly) and on
+    `handlers` (records that propagate to them); once each, so calling it again changes nothing."""
+    targets: list[logging.Filterer] = [logging.getLogger(name) for name in REDACTED_LOGGERS]
+    for target in [*targets, *handlers]:
+        if not any(isinstance(f, RedactSecrets) for f in target.filters):
+            target.addFilter(RedactSecrets())
+
+
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     """Replace the root handlers with one on stderr; uvicorn's loggers propagate to it."""
     if fmt not in LOG_FORMATS:
@@ -44,6 +69,7 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    redact_secrets(handler)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)
         logger.handlers.clear()

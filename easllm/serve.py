@@ -22,6 +22,7 @@ def serve(server: ServerConfig, engine_config: EngineConfig) -> int:
     import uvicorn
 
     from easllm.server.app import create_app
+    from easllm.server.limits import body_limit
 
     configure_logging(server.log_level, server.log_format)
     try:
@@ -49,5 +50,8 @@ def serve(server: ServerConfig, engine_config: EngineConfig) -> int:
         access_log=False,  # the app logs one line per request itself (server/access_log.py)
         timeout_graceful_shutdown=5,
         root_path=server.root_path,
+        # The WebSocket route answers a message over --max-body-mb with an error and keeps the
+        # connection; twice that, the transport closes it (1009) before buffering any more.
+        ws_max_size=2 * body_limit(server),
     )
     return 0

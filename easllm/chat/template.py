@@ -1,7 +1,8 @@
 """Render a conversation with the model's own chat template and fit it into the context.
 
 GGUF and tokenizer_config.json templates are untrusted input, so they run in Jinja2's
-immutable sandbox, as transformers' `apply_chat_template` does.
+immutable sandbox, as transformers' `apply_chat_template` does, with bounded time, output and
+allocations (`chat/sandbox.py`).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from easllm.chat.sandbox import BoundedSandbox, render_bounded
 from easllm.engine.types import ModelInfo
 from easllm.errors import InvalidRequest
 
@@ -45,7 +46,7 @@ def _strftime_now(fmt: str) -> str:
 
 class ChatTemplate:
     def __init__(self, source: str, bos_token: str = "", eos_token: str = "") -> None:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = _strftime_now
         try:
@@ -57,11 +58,13 @@ class ChatTemplate:
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         try:
-            return self._template.render(
-                messages=list(messages),
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
+            return render_bounded(
+                self._template.generate(
+                    messages=list(messages),
+                    add_generation_prompt=add_generation_prompt,
+                    bos_token=self.bos_token,
+                    eos_token=self.eos_token,
+                )
             )
         except jinja2.TemplateError as exc:
             raise InvalidRequest(f"the chat template rejected the messages: {exc}", "messages") from exc

@@ -18,6 +18,8 @@ from easllm.control.controller import Controller
 from easllm.control.registry import Registry, UnknownService
 from easllm.control.routing import RoutingTable
 from easllm.control.supervisor import Supervisor
+from easllm.logs import redact_secrets
+from easllm.server.auth import serve_openapi
 from easllm.server.errors import error_response, install_error_handlers
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ def create_console_app(config: ConsoleConfig, registry: Registry | None = None) 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         reg = registry or Registry(config.database_url)
+        redact_secrets()  # the gateway's WebUI and WebSocket clients pass ?token= in URLs uvicorn logs
         controller = Controller(config, reg)
         http = gateway.new_http_client()
         app.state.console = Console(config, reg, controller, controller.routing, controller.supervisor, http)
@@ -58,8 +61,12 @@ def create_console_app(config: ConsoleConfig, registry: Registry | None = None) 
         version=__version__,
         description="Deploy, list, describe, update, stop, start and delete named LLM services.",
         lifespan=lifespan,
+        openapi_url=None,  # served below, behind the admin token
+        docs_url=None,  # Swagger and ReDoc pages load their scripts from a CDN
+        redoc_url=None,
     )
     install_error_handlers(app)
+    serve_openapi(app, api.require_admin)
 
     @app.exception_handler(UnknownService)
     async def _unknown(_: Request, exc: UnknownService) -> JSONResponse:

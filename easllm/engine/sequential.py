@@ -7,6 +7,7 @@ stop strings, usage counting and the hop from the worker thread to the caller's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -73,6 +74,7 @@ class SequentialEngine(ABC):
         return self._info
 
     async def start(self) -> None:
+        self._closing = False  # an app may run its lifespan again (tests do): the engine starts afresh
         self._info = await asyncio.to_thread(self._load)
         self._thread = threading.Thread(target=self._worker, name=f"{self.name}-engine", daemon=True)
         self._thread.start()
@@ -139,6 +141,12 @@ class SequentialEngine(ABC):
                 with self._lock:
                     self._cancelled.discard(job.req.request_id)
 
+    def _tell_if_closing(self, job: _Job) -> None:
+        """A request stopped by close(), not by its client: the client still waits for an answer."""
+        if self._closing:
+            with contextlib.suppress(RuntimeError):  # the client's event loop is already gone
+                job.emit(NotReady("the server is shutting down"))
+
     def _serve(self, job: _Job) -> None:
         req = job.req
         sampling = req.sampling
@@ -147,6 +155,7 @@ class SequentialEngine(ABC):
         reason = FinishReason.STOP
         if self._is_cancelled(req.request_id):
             self._aborted += 1
+            self._tell_if_closing(job)
             return
         tokens = self._generate_tokens(req)
         try:
@@ -154,6 +163,7 @@ class SequentialEngine(ABC):
                 if self._is_cancelled(req.request_id):
                     self._aborted += 1
                     log.info("request %s aborted after %d tokens", req.request_id, count)
+                    self._tell_if_closing(job)
                     return
                 count += 1
                 text = stops.push(piece)

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import math
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -277,7 +278,7 @@ class HistoryExporter:
         if any(length for _, length in parts) or item.backlog:
             name = period_name(item.start, item.end)
             self.export_dir.mkdir(parents=True, exist_ok=True)
-            temp = self.export_dir / f".{name}.{os.getpid()}.tmp"
+            temp = self.export_dir / f".{name}.{_HOST}.{os.getpid()}.tmp"
             try:
                 with temp.open("wb") as out:
                     lines = sum(_copy(path, out, length) for path, length in parts)
@@ -298,11 +299,34 @@ class HistoryExporter:
                 path.unlink()
 
     def _remove_stale_temps(self) -> None:
+        """Temporary files of exports that died: at once when written by a dead process of this host
+        (replicas on other hosts may share the directory), else once they are STALE_TEMP old."""
         with contextlib.suppress(OSError):
             for temp in self.export_dir.glob(".history-*.tmp"):
                 with contextlib.suppress(OSError):
-                    if time.time() - temp.stat().st_mtime > STALE_TEMP:
+                    if _writer_is_dead(temp) or time.time() - temp.stat().st_mtime > STALE_TEMP:
                         temp.unlink()
+                        log.info("history export: removed %s, left by an export that died", temp.name)
+
+
+_HOST = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in socket.gethostname())[:64] or "host"
+
+
+def _writer_is_dead(temp: Path) -> bool:
+    """`.<name>.<host>.<pid>.tmp` from this host, whose process is gone."""
+    parts = temp.name.split(".")
+    if len(parts) < 4 or parts[-3] != _HOST or not parts[-2].isdigit():
+        return False
+    pid = int(parts[-2])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, owned by another user
+        return False
+    return False
 
 
 def _copy(source: Path, out: BinaryIO, length: int) -> int:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from easllm.config import KnowledgeConfig
-from easllm.errors import Conflict, InvalidRequest, TooLarge
+from easllm.errors import Conflict, InvalidRequest, StorageFull, TooLarge
 from easllm.rag.embedder import Embedder, SharedEmbedder
 from easllm.rag.loaders import PARAM, file_kind, load_document, safe_file_name
 from easllm.rag.splitter import Chunk, Splitter
@@ -146,8 +146,17 @@ class KnowledgeBase:
         with self._write_lock:
             self._check_embedder()
             replaced = next((f for f in self.store.files() if f.name == safe), None)  # as of now
-            write_atomic(self._original(stored), data)
-            self.store.put_file(stored, chunks, vectors, self.embedder_name)
+            try:
+                write_atomic(self._original(stored), data)
+                self.store.put_file(stored, chunks, vectors, self.embedder_name)
+            except OSError as exc:  # disk full, quota, read-only: the index stays as it was
+                self._drop_original(stored)
+                log.error("knowledge base: %s not saved: %s", safe, exc)
+                raise StorageFull(
+                    f"{safe} could not be saved: {exc.strerror or exc} on the server's disk; "
+                    "the knowledge base is unchanged",
+                    PARAM,
+                ) from exc
             if replaced is not None and replaced.sha256 != digest:
                 self._drop_original(replaced)
         log.info("knowledge base: %s indexed (%s, %d chunks)", safe, doc.kind, len(chunks))
@@ -172,7 +181,14 @@ class KnowledgeBase:
 
     def remove_file(self, name: str) -> StoredFile:
         with self._write_lock:
-            removed = self.store.remove_file(name)
+            try:
+                removed = self.store.remove_file(name)
+            except OSError as exc:
+                raise StorageFull(
+                    f"{name} could not be removed: {exc.strerror or exc} on the server's disk; "
+                    "the knowledge base is unchanged",
+                    "name",
+                ) from exc
             if removed is None:
                 raise FileNotInKnowledgeBase(name)
         self._drop_original(removed)

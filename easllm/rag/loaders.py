@@ -11,13 +11,14 @@ from __future__ import annotations
 import io
 import logging
 import re
+import time
 import unicodedata
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from easllm.errors import InvalidRequest, UnsupportedMedia
+from easllm.errors import InvalidRequest, TooLarge, UnsupportedMedia
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,11 @@ MAX_NAME_CHARS = 200
 MAX_UNZIPPED_BYTES = 512 * 1024 * 1024
 MAX_ZIP_ENTRIES = 10_000
 MAX_ZIP_RATIO = 200  # per entry, for entries over 1 MiB unzipped
-OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # password-protected Office files are OLE containers
+OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+# PDFs: pypdf refuses cyclic page trees and xref chains, decompression bombs and runaway form
+# XObjects; a file can still repeat one costly page many thousand times, so extraction is bounded.
+MAX_PDF_PAGES = 10_000
+PDF_SECONDS = 120.0  # password-protected Office files are OLE containers
 MARKDOWN_HEADINGS = [(f"{'#' * level}", f"h{level}") for level in range(1, 7)]
 
 
@@ -212,12 +217,29 @@ def _load_pdf(name: str, data: bytes) -> Document:
         reader = pypdf.PdfReader(io.BytesIO(data), strict=False)
         if reader.is_encrypted and not _decrypts(reader):
             raise InvalidRequest(f"{name} is password-protected (encrypted); upload it unencrypted", PARAM)
-        sections = [Section(page.extract_text() or "", page=i + 1) for i, page in enumerate(reader.pages)]
+        sections = _pdf_pages(name, reader)
     except InvalidRequest:
         raise
     except Exception as exc:  # pypdf raises many types on a broken file
         raise InvalidRequest(f"{name} is a corrupt PDF file: {exc}", PARAM) from exc
     return Document(name, "pdf", sections, pages=len(sections))
+
+
+def _pdf_pages(name: str, reader: object) -> list[Section]:
+    pages = reader.pages  # type: ignore[attr-defined]
+    if len(pages) > MAX_PDF_PAGES:
+        raise TooLarge(f"{name} has {len(pages)} pages; the limit is {MAX_PDF_PAGES}", PARAM)
+    deadline = time.monotonic() + PDF_SECONDS
+    sections = []
+    for i, page in enumerate(pages):
+        if time.monotonic() > deadline:
+            raise TooLarge(
+                f"{name}: reading its text took over {PDF_SECONDS:g} s (stopped at page {i + 1} of "
+                f"{len(pages)}); split it into smaller files",
+                PARAM,
+            )
+        sections.append(Section(page.extract_text() or "", page=i + 1))
+    return sections
 
 
 def _decrypts(reader: object) -> bool:

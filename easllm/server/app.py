@@ -14,10 +14,14 @@ from easllm.chat.service import ChatService
 from easllm.config import ServerConfig
 from easllm.engine.base import Engine
 from easllm.history.export import HistoryExporter
+from easllm.logs import redact_secrets
 from easllm.rag.embedder import SharedEmbedder
 from easllm.rag.knowledge import KnowledgeBase
 from easllm.server.access_log import AccessLog
+from easllm.server.auth import require_token, serve_openapi
+from easllm.server.cors import ApiCORS
 from easllm.server.errors import install_error_handlers
+from easllm.server.limits import RequestLimits
 from easllm.server.metrics import ServiceMetrics
 from easllm.server.observability import EngineWatch, Progress, RoundObserver
 from easllm.server.routes import eas, health, knowledge, metrics, openai, websocket
@@ -30,6 +34,7 @@ def create_app(config: ServerConfig, engine: Engine) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redact_secrets()  # whatever server runs the app, its logs never carry a ?token=
         loading = asyncio.create_task(_load(app, engine))
         if history is not None:
             history.start()
@@ -42,7 +47,15 @@ def create_app(config: ServerConfig, engine: Engine) -> FastAPI:
             if history is not None:  # the open period is exported now, not at the next start
                 await asyncio.to_thread(history.close)
 
-    app = FastAPI(title="easllm", version=__version__, lifespan=lifespan)
+    # No open /docs or /redoc (they load Swagger from a CDN); /openapi.json needs the token.
+    app = FastAPI(
+        title="easllm",
+        version=__version__,
+        lifespan=lifespan,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.config = config
     app.state.engine = engine
     app.state.load_error = None
@@ -57,8 +70,13 @@ def create_app(config: ServerConfig, engine: Engine) -> FastAPI:
     progress = Progress()
     app.state.rounds = RoundObserver(config.service_name, engine, app.state.metrics, history, progress)
     app.state.engine_watch = EngineWatch(progress)
+    # The last added runs first: the access log sees every refusal of the limits and of CORS.
+    app.add_middleware(RequestLimits, config=config)
+    if config.cors_origins:  # closed by default: no browser page of another origin reads a reply
+        app.add_middleware(ApiCORS, origins=config.cors_origins)
     app.add_middleware(AccessLog, metrics=app.state.metrics)
     install_error_handlers(app)
+    serve_openapi(app, require_token)
     app.include_router(health.router)
     app.include_router(metrics.router)
     if not config.no_api:

@@ -24,6 +24,7 @@ ERROR_TYPES = {
     415: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
+    507: "insufficient_storage",
 }
 
 

@@ -204,6 +204,7 @@ def test_machine_models_page_and_openapi(client: TestClient) -> None:
     assert "gemma3-270m" in [m["name"] for m in models["bundled"]] and len(models["catalog"]) == 16
     page = client.get("/")
     assert page.status_code == 200 and "Invocation information" in page.text and "View Web App" in page.text
-    paths = client.get("/openapi.json").json()["paths"]
+    assert client.get("/openapi.json").status_code == 401  # the API's description is for admins
+    paths = client.get("/openapi.json", headers=ADMIN).json()["paths"]
     assert "/api/services" in paths and "/api/services/{name}/logs" in paths
     assert not [p for p in paths if p.startswith("/api/predict")]

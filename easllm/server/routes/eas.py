@@ -13,6 +13,7 @@ from easllm.chat.service import ChatService
 from easllm.engine.types import TokenDelta
 from easllm.errors import InvalidRequest
 from easllm.protocol.eas import EasRequest, parse_eas_body, reply
+from easllm.protocol.schema import json_body
 from easllm.server.auth import require_token
 from easllm.server.streaming import collect_unless_disconnected, first_then_rest, nul_delimited
 
@@ -20,7 +21,9 @@ log = logging.getLogger(__name__)
 router = APIRouter(dependencies=[Depends(require_token)])
 
 
-@router.post("/", response_model=None)
+@router.post(
+    "/", response_model=None, openapi_extra=json_body(EasRequest, plain_text="the prompt itself, one round")
+)
 async def predict(request: Request) -> Response:
     service: ChatService = request.app.state.chat
     parsed = parse_eas_body(await request.body(), request.headers.get("content-type"))

@@ -11,9 +11,11 @@ import logging
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from easllm.errors import InvalidRequest, TooLarge
-from easllm.protocol.knowledge import failure_dict, file_dict, hit_dict, parse_query
+from easllm.protocol.knowledge import KnowledgeQuery, failure_dict, file_dict, hit_dict, parse_query
+from easllm.protocol.schema import json_body, multipart_files
 from easllm.rag.knowledge import FileNotInKnowledgeBase, IngestFailure, KnowledgeBase
 from easllm.rag.loaders import PARAM
 from easllm.server.auth import require_token
@@ -22,14 +24,14 @@ from easllm.server.errors import error_body, error_response
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/knowledge", dependencies=[Depends(require_token)])
 
-MAX_FILES_PER_UPLOAD = 32
+MAX_FIELDS = 32  # form fields that are not files (none are needed)
 
 
 def _knowledge(request: Request) -> KnowledgeBase:
     return request.app.state.knowledge
 
 
-@router.post("/files", response_model=None)
+@router.post("/files", response_model=None, openapi_extra=multipart_files())
 async def upload_files(request: Request) -> JSONResponse:
     """Multipart upload of one or many files (any field name; `files` by convention).
 
@@ -37,13 +39,16 @@ async def upload_files(request: Request) -> JSONResponse:
     the error, plus `files` (those added anyway) and `errors` (one per refused file)."""
     kb = _knowledge(request)
     limit = int(kb.config.max_file_mb * 1024 * 1024)
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit * MAX_FILES_PER_UPLOAD:
-        raise TooLarge(f"the upload is {length} bytes: send at most {MAX_FILES_PER_UPLOAD} files", PARAM)
+    max_files = request.app.state.config.limits.max_upload_files
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         raise InvalidRequest("send the files as multipart/form-data, e.g. curl -F files=@manual.pdf", PARAM)
-    form = await request.form(max_files=MAX_FILES_PER_UPLOAD, max_fields=MAX_FILES_PER_UPLOAD)
+    try:
+        form = await request.form(max_files=max_files, max_fields=MAX_FIELDS)
+    except HTTPException as exc:  # Starlette's multipart parser: too many parts, or a malformed body
+        if "Too many files" in str(exc.detail):
+            raise TooLarge(f"send at most {max_files} files per upload (--max-upload-files)", PARAM) from exc
+        raise InvalidRequest(f"the multipart body is malformed: {exc.detail}", PARAM) from exc
     try:
         uploads = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
         if not uploads:
@@ -88,7 +93,7 @@ async def remove_file(name: str, request: Request) -> JSONResponse:
     return JSONResponse({"deleted": file_dict(removed)})
 
 
-@router.post("/query")
+@router.post("/query", openapi_extra=json_body(KnowledgeQuery))
 async def query(request: Request) -> JSONResponse:
     """`{"query": text, "top_k"?, "score_threshold"?}` -> the nearest chunks, best first."""
     kb = _knowledge(request)

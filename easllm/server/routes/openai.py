@@ -40,6 +40,7 @@ from easllm.protocol.openai_replies import (
     model_card,
     usage_chunk,
 )
+from easllm.protocol.schema import json_body
 from easllm.server.auth import require_token
 from easllm.server.sse import merge_choices, sse_response
 from easllm.server.streaming import first_then_rest
@@ -63,7 +64,7 @@ async def retrieve_model(model_id: str, request: Request) -> JSONResponse:
     return JSONResponse(model_card(info, int(time.time())))
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post("/chat/completions", response_model=None, openapi_extra=json_body(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     state = request.app.state
     req: ChatCompletionRequest = ChatCompletionRequest.parse(parse_json_object(await request.body()))
@@ -131,7 +132,7 @@ async def chat_events(
         yield usage_chunk(env, Usage(prompt_tokens, completion_tokens))
 
 
-@router.post("/completions", response_model=None)
+@router.post("/completions", response_model=None, openapi_extra=json_body(CompletionRequest))
 async def completions(request: Request) -> Response:
     state = request.app.state
     req: CompletionRequest = CompletionRequest.parse(parse_json_object(await request.body()))
@@ -196,7 +197,7 @@ async def completion_events(
         yield usage_chunk(env, Usage(prompt_tokens, completion_tokens))
 
 
-@router.post("/embeddings")
+@router.post("/embeddings", openapi_extra=json_body(EmbeddingRequest))
 async def embeddings(request: Request) -> JSONResponse:
     req: EmbeddingRequest = EmbeddingRequest.parse(parse_json_object(await request.body()))
     shared = request.app.state.embedder

@@ -17,19 +17,20 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from easllm.chat.dialogue import Dialogue
 from easllm.chat.service import ChatService, PreparedRound
-from easllm.config import ServerConfig
+from easllm.config import LimitsConfig, ServerConfig
 from easllm.engine.base import EngineError, EngineOverloaded
 from easllm.engine.types import TokenDelta
-from easllm.errors import InvalidRequest, NotReady
+from easllm.errors import InvalidRequest, NotReady, TooLarge
 from easllm.protocol.eas import EasRequest, parse_eas_body, reply
 from easllm.server.auth import token_matches
 from easllm.server.errors import error_body, error_response
+from easllm.server.limits import body_limit
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
 EOS = "<EOS>"
-MAX_PENDING = 64  # messages waiting for an answer; one more closes the connection (1008)
+MAX_PENDING = LimitsConfig.ws_max_pending  # the default of messages waiting for an answer (1008 beyond)
 PER_MESSAGE = frozenset({"prompt", "history", "langchain"})  # every other field set stays in force
 CLOSE_POLICY = 1008
 CLOSE_INTERNAL = 1011
@@ -71,7 +72,10 @@ class Connection:
         self.defaults = config.sampling
         self.dialogue = Dialogue(config.max_round)
         self.settings = EasRequest()
-        self.inbox: asyncio.Queue[str | bytes] = asyncio.Queue(MAX_PENDING)
+        self.max_pending = config.limits.ws_max_pending
+        self.max_message = body_limit(config)
+        # an oversized message waits its turn as its refusal, so answers stay in order
+        self.inbox: asyncio.Queue[str | bytes | TooLarge] = asyncio.Queue(self.max_pending)
 
     async def run(self) -> None:
         reader = asyncio.create_task(self._read())
@@ -99,10 +103,17 @@ class Connection:
                 data = message.get("bytes")
             if data is None:
                 continue
+            item: str | bytes | TooLarge = data
+            size = len(data.encode() if isinstance(data, str) else data)
+            if size > self.max_message:
+                item = TooLarge(
+                    f"the message is {size} bytes; the limit is {self.max_message} (--max-body-mb)", "body"
+                )
             try:
-                self.inbox.put_nowait(data)
+                self.inbox.put_nowait(item)
             except asyncio.QueueFull:
-                await self._close(CLOSE_POLICY, f"more than {MAX_PENDING} messages waiting for an answer")
+                reason = f"more than {self.max_pending} messages waiting for an answer (--ws-max-pending)"
+                await self._close(CLOSE_POLICY, reason)
                 return
 
     async def _close(self, code: int, reason: str) -> None:
@@ -123,7 +134,9 @@ class Connection:
                 await self._send(error_body(500, "internal error while answering this message"))
             await self.websocket.send_text(EOS)
 
-    async def _answer(self, data: str | bytes) -> None:
+    async def _answer(self, data: str | bytes | TooLarge) -> None:
+        if isinstance(data, TooLarge):
+            raise data
         msg = _parse(data)
         self._apply(msg)
         if not msg.prompt:
@@ -194,7 +207,7 @@ def _parse(data: str | bytes) -> EasRequest:
 
 def _error(exc: InvalidRequest | NotReady | EngineError) -> dict[str, object]:
     if isinstance(exc, InvalidRequest):
-        return error_body(400, exc.message, exc.param)
+        return error_body(exc.status, exc.message, exc.param)
     if isinstance(exc, NotReady | EngineOverloaded):
         return error_body(503, str(exc))
     log.error("engine error: %s", exc)

@@ -1,0 +1,171 @@
+"""What one client may ask of a server, enforced at the ASGI edge before any route runs.
+
+`RequestLimits` wraps the whole app (API, WebUI, probes):
+
+- **Concurrency**: at most `max_connections` HTTP requests in progress plus open WebSockets;
+  one more is answered `503` with `Retry-After` (a WebSocket handshake is denied the same way,
+  or closed with 1013 "try again later" where the server cannot send a denial). Probes are never
+  counted nor refused, so a saturated server still reports its health.
+- **Body size**: a body over the limit is answered `413` naming the limit: at once when its
+  `Content-Length` says so, otherwise as soon as the bytes read exceed it (chunked uploads). The
+  app then sees the client as gone; nothing it sends afterwards reaches the wire. Knowledge-base
+  uploads (and the WebUI, which uploads files too) may carry `max_upload_files` files of
+  `--kb-max-file-mb` each; every other body is limited by `--max-body-mb`.
+
+WebSocket message sizes and queues are limited by the WebSocket route itself (it answers an
+oversized message with an error and keeps the connection), and by uvicorn's `ws_max_size` as
+the transport's hard cap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from easllm.config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+MB = 1024 * 1024
+PROBES = frozenset({"/live", "/health", "/ready", "/metrics"})
+UPLOAD_PATHS = ("/v1/knowledge/files",)
+UPLOAD_PREFIXES = ("/webui/", "/webui")
+MULTIPART_SLACK = MB  # part headers and boundaries around the files themselves
+CLOSE_TRY_AGAIN = 1013
+
+
+def body_limit(config: ServerConfig) -> int:
+    """Bytes of an ordinary request body (and of one WebSocket message)."""
+    return int(config.limits.max_body_mb * MB)
+
+
+def upload_limit(config: ServerConfig) -> int:
+    """Bytes of one knowledge-base upload: max_upload_files files of --kb-max-file-mb each."""
+    per_file = int(config.knowledge.max_file_mb * MB)
+    return max(body_limit(config), per_file * config.limits.max_upload_files + MULTIPART_SLACK)
+
+
+def app_path(scope: Scope) -> str:
+    """The path below the service's root path (a proxy's prefix)."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+def _json(status: int, message: str, param: str | None) -> bytes:
+    from easllm.server.errors import error_body
+
+    return json.dumps(error_body(status, message, param)).encode()
+
+
+class RequestLimits:
+    def __init__(self, app: ASGIApp, config: ServerConfig) -> None:
+        self.app = app
+        self.max_connections = config.limits.max_connections
+        self.body_limit = body_limit(config)
+        self.upload_limit = upload_limit(config)
+        self.body_mb = config.limits.max_body_mb
+        self.active = 0  # HTTP requests in progress plus open WebSockets (probes excluded)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        path = app_path(scope)
+        if path in PROBES:
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.max_connections:
+            await self._refuse_busy(scope, send)
+            return
+        self.active += 1
+        try:
+            if kind == "http":
+                await self._http(scope, receive, send, path)
+            else:
+                await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+    def _limit_for(self, scope: Scope, path: str) -> tuple[int, str]:
+        if (scope.get("method") == "POST" and path in UPLOAD_PATHS) or path.startswith(UPLOAD_PREFIXES):
+            return self.upload_limit, "--kb-max-file-mb x --max-upload-files"
+        return self.body_limit, "--max-body-mb"
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        limit, flag = self._limit_for(scope, path)
+        declared = _content_length(scope)
+        message = f"the request body is over the limit of {limit} bytes ({flag})"
+        if declared is not None and declared > limit:
+            await _send_error(send, 413, f"{message}: Content-Length is {declared}", "body")
+            return
+        received = 0
+        refused = False  # we answered 413: the app sees a vanished client, its replies are dropped
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            msg = await receive()
+            if msg["type"] == "http.request":
+                received += len(msg.get("body", b""))
+                if received > limit:
+                    refused = True
+                    if not started:
+                        log.info("refused a body over %d bytes on %s", limit, path)
+                        await _send_error(send, 413, message, "body")
+                    return {"type": "http.disconnect"}
+            return msg
+
+        async def guarded_send(msg: Message) -> None:
+            nonlocal started
+            if refused:
+                return
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not refused:
+                raise
+            log.debug("the app gave up on a refused body", exc_info=True)
+
+    async def _refuse_busy(self, scope: Scope, send: Send) -> None:
+        text = (
+            f"the server is at its limit of {self.max_connections} concurrent requests and WebSockets "
+            "(--max-connections): retry later"
+        )
+        log.warning("refused a %s request: %d in progress", scope["type"], self.active)
+        if scope["type"] == "http":
+            await _send_error(send, 503, text, None)
+        elif "websocket.http.response" in scope.get("extensions", {}):
+            await _send_error(send, 503, text, None, prefix="websocket.")
+        else:
+            await send({"type": "websocket.close", "code": CLOSE_TRY_AGAIN, "reason": "server busy"})
+
+
+async def _send_error(send: Send, status: int, text: str, param: str | None, prefix: str = "") -> None:
+    body = _json(status, text, param)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status in (429, 503):
+        headers.append((b"retry-after", b"1"))
+    if status == 413:
+        headers.append((b"connection", b"close"))  # the rest of the body is not read
+    await send({"type": f"{prefix}http.response.start", "status": status, "headers": headers})
+    await send({"type": f"{prefix}http.response.body", "body": body})
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope.get("headers", ()):
+        if key == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

@@ -1,0 +1,152 @@
+"""Faults without a real process or a real full disk (the integration tests have those):
+a simulated ENOSPC during ingestion and removal, an engine closed with requests waiting, an
+export's temporary file left by a killed process, PDFs that loop or repeat a costly page."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from easllm.config import SamplingDefaults, ServerConfig
+from easllm.engine.backends.fake import FakeEngine
+from easllm.engine.types import GenerationRequest, SamplingParams
+from easllm.errors import InvalidRequest, NotReady, TooLarge
+from easllm.history.export import HistoryExporter, period_name
+from easllm.rag import loaders, store
+from easllm.rag.loaders import load_document
+from easllm.server.app import create_app
+from tests.rag_samples import pdf_bytes
+
+TOKEN = "fault-token"
+AUTH = {"Authorization": TOKEN}
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    config = ServerConfig(token=TOKEN, api_only=True, data_dir=tmp_path, sampling=SamplingDefaults(8))
+    with TestClient(create_app(config, FakeEngine(context_length=512))) as c:
+        deadline = time.monotonic() + 5
+        while c.get("/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        yield c
+
+
+def upload(client: TestClient, name: str, text: str):  # type: ignore[no-untyped-def]
+    return client.post("/v1/knowledge/files", files=[("files", (name, text.encode()))], headers=AUTH)
+
+
+def no_space(*_: object, **__: object) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+# -- disk full (simulated) -------------------------------------------------------------------------
+
+
+def test_a_full_disk_during_ingestion_is_a_507_naming_the_file_and_changes_nothing(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert upload(client, "kept.txt", "The vault opens with the word marigold.").status_code == 200
+    monkeypatch.setattr(store.os, "fsync", no_space)  # every atomic write of the store now fails
+    files = [("files", ("new.txt", b"Fresh words about pumps.")), ("files", ("x.exe", b"MZ"))]
+    r = client.post("/v1/knowledge/files", files=files, headers=AUTH)
+    assert r.status_code == 507, r.text
+    body = r.json()
+    assert body["error"]["type"] == "insufficient_storage" and body["error"]["param"] == "files"
+    assert [(e["name"], e["code"]) for e in body["errors"]] == [("new.txt", 507), ("x.exe", 415)]
+    assert "new.txt" in body["errors"][0]["message"] and "No space left" in body["errors"][0]["message"]
+    r = client.delete("/v1/knowledge/files/kept.txt", headers=AUTH)
+    assert r.status_code == 507 and r.json()["error"]["param"] == "name"
+    assert client.post("/", content=b"still serving [eos]", headers=AUTH).status_code == 200
+    monkeypatch.undo()
+    listed = client.get("/v1/knowledge/files", headers=AUTH).json()
+    assert [f["name"] for f in listed["files"]] == ["kept.txt"] and listed["chunks"] == 1
+    originals = [p.name for p in (tmp_path / "knowledge" / "files").rglob("*") if p.is_file()]
+    assert originals == ["kept.txt"]  # the refused file's bytes were not left behind
+    assert [p.name for p in tmp_path.rglob("*.tmp")] == []
+    assert upload(client, "new.txt", "Fresh words about pumps.").status_code == 200  # space is back
+
+
+# -- an engine closed with requests waiting ---------------------------------------------------------
+
+
+async def test_requests_waiting_when_the_engine_closes_get_503_not_a_hang() -> None:
+    engine = FakeEngine(token_delay=0.01)
+    await engine.start()
+
+    async def ask(prompt: str) -> str:
+        req = GenerationRequest(engine.tokenize(prompt), SamplingParams(max_new_tokens=100_000))
+        async for _ in engine.generate(req):
+            pass
+        return "finished"
+
+    tasks = [asyncio.create_task(ask(f"q{i}")) for i in range(3)]  # one running, two queued
+    await asyncio.sleep(0.2)
+    await engine.close()
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=10)
+    assert all(isinstance(r, NotReady) and "shutting down" in str(r) for r in results), results
+    await engine.start()  # a closed engine starts again (an app's lifespan may run twice)
+    assert await asyncio.wait_for(ask("again [eos]"), timeout=10) == "finished"
+    await engine.close()
+
+
+# -- an export killed mid-write ------------------------------------------------------------------------
+
+
+def test_a_dead_exports_temporary_is_removed_at_the_next_start(tmp_path: Path) -> None:
+    export, wal = tmp_path / "export", tmp_path / "wal"
+    export.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    dead_pid = int(dead.stdout)
+    from easllm.history import export as export_module
+
+    host = export_module._HOST
+    name = period_name(time.time() - 7200, time.time() - 3600)
+    mine_dead = export / f".{name}.{host}.{dead_pid}.tmp"
+    alive = export / f".{name}.{host}.{os.getppid()}.tmp"  # a live process: maybe mid-export
+    elsewhere = export / f".{name}.otherhost.{dead_pid}.tmp"  # another host's: only by age
+    for temp in (mine_dead, alive, elsewhere):
+        temp.write_bytes(b'{"half": ')
+    h = HistoryExporter(export, wal, 60)
+    h.start()
+    assert h.close()
+    assert not mine_dead.exists() and alive.exists() and elsewhere.exists()
+
+
+# -- PDFs that loop or cost too much -----------------------------------------------------------------
+
+
+def cyclic_pages_pdf() -> bytes:
+    good = pdf_bytes([["hello"]])
+    return good.replace(b"/Kids [3 0 R]", b"/Kids [2 0 R]")  # the page tree holds itself
+
+
+def test_pdfs_that_loop_are_refused_quickly() -> None:
+    started = time.monotonic()
+    with pytest.raises(InvalidRequest) as refused:
+        load_document("loop.pdf", cyclic_pages_pdf())
+    assert refused.value.status == 400 and "cyclic" in refused.value.message
+    assert time.monotonic() - started < 10
+
+
+def test_a_pdf_repeating_one_page_past_the_limits_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    page = pdf_bytes([["one costly page"]])
+    many = page.replace(b"/Kids [3 0 R] /Count 1", b"/Kids [" + b"3 0 R " * 50 + b"] /Count 50")
+    monkeypatch.setattr(loaders, "MAX_PDF_PAGES", 40)
+    with pytest.raises(TooLarge, match="50 pages; the limit is 40"):
+        load_document("many.pdf", many)
+    monkeypatch.setattr(loaders, "MAX_PDF_PAGES", 10_000)
+    monkeypatch.setattr(loaders, "PDF_SECONDS", 0.0)  # every page is over the time budget
+    with pytest.raises(TooLarge, match=r"took over 0 s \(stopped at page 1 of 50\)"):
+        load_document("many.pdf", many)
+    monkeypatch.setattr(loaders, "PDF_SECONDS", 120.0)
+    assert load_document("many.pdf", many).pages == 50
