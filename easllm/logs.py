@@ -35,17 +35,21 @@ class JsonFormatter(logging.Formatter):
 
 
 SECRET_IN_URL = re.compile(r"([?&](?:token|access_token|api_key)=)[^&\s\"']+", re.IGNORECASE)
+# header lines, as uvicorn's WebSocket handshake logs them at DEBUG ("< Authorization: ...")
+SECRET_HEADER = re.compile(r"\b((?:proxy-)?authorization|cookie|set-cookie)(\s*:\s*)[^\r\n]+", re.IGNORECASE)
 REDACTED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "easllm")
 
 
 class RedactSecrets(logging.Filter):
-    """Masks `?token=...` in a record's message: uvicorn logs each WebSocket handshake's URL, and
-    browsers (and the console's gateway) pass the service token there."""
+    """Masks tokens in a record's message: `?token=...` (uvicorn logs each WebSocket handshake's
+    URL, and browsers and the console's gateway pass the service token there) and the
+    Authorization and Cookie header lines uvicorn logs at DEBUG."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if SECRET_IN_URL.search(message):
-            record.msg, record.args = SECRET_IN_URL.sub(r"\1***", message), None
+        if SECRET_IN_URL.search(message) or SECRET_HEADER.search(message):
+            message = SECRET_IN_URL.sub(r"\1***", message)
+            record.msg, record.args = SECRET_HEADER.sub(r"\1\2***", message), None
         return True
 
 

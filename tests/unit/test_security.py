@@ -241,6 +241,8 @@ def test_the_redaction_filter_masks_query_tokens_and_nothing_else() -> None:
         '"WebSocket /api/predict/x?token=***&y=2" [accepted]'
     )
     assert through("GET /?a=1&access_token=zz") == "GET /?a=1&access_token=***"
+    assert through("< Authorization: Bearer s3cret") == "< Authorization: ***"  # uvicorn at DEBUG
+    assert through("< cookie: access-token-x=abc; easllm_token=s3cret") == "< cookie: ***"
     assert through("the token is required") == "the token is required"
     assert through("100%% done %d", 5) == "100% done 5"
 
