@@ -6,8 +6,9 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from easllm.engine.base import EngineError, EngineOverloaded
 from easllm.errors import InvalidRequest, NotReady
@@ -70,6 +71,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _engine(_: Request, exc: EngineError) -> JSONResponse:
         log.error("engine error: %s", exc)
         return error_response(500, str(exc))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, _: ClientDisconnect) -> Response:
+        # The client hung up while its body was being read: nobody to answer, nothing went wrong.
+        log.info("client went away while sending its request to %s", request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:

@@ -150,3 +150,37 @@ def test_a_pdf_repeating_one_page_past_the_limits_is_refused(monkeypatch: pytest
         load_document("many.pdf", many)
     monkeypatch.setattr(loaders, "PDF_SECONDS", 120.0)
     assert load_document("many.pdf", many).pages == 50
+
+
+# -- a client gone mid-body ------------------------------------------------------------------------------
+
+
+async def test_a_client_gone_while_sending_its_body_is_not_a_server_error(tmp_path: Path) -> None:
+    """Found by bench/soak.py: this was an unhandled ClientDisconnect, a traceback and a 500."""
+    app = create_app(ServerConfig(api_only=True, data_dir=tmp_path), FakeEngine())
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/",
+        "raw_path": b"/",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-length", b"100"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+    }
+    incoming = [{"type": "http.request", "body": b'{"prompt": "pa', "more_body": True}]
+
+    async def receive() -> dict:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)  # an unhandled exception would propagate here
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
