@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.servers import Server, running_server
 
 TOKEN = "soak-token"
+GRACE = 30.0  # seconds after a run's end for answers already under way
 KINDS = ("eas", "eas_stream", "websocket", "sse")
 PROMPTS = [
     "The history of the printing press began",
@@ -158,7 +159,7 @@ async def websocket_round(ws_url: str, tokens: int, cut: int | None) -> int:
 
 async def client(n: int, server: Server, until: float, tokens: int, tally: Tally) -> None:
     kind = KINDS[n % len(KINDS)]
-    hangs_up = n % 4 == 0
+    hangs_up = (n // len(KINDS)) % 4 == 0  # a quarter of the clients, as many of each kind
     ws_url = server.url.replace("http://", "ws://") + "/"
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     async with httpx.AsyncClient(headers={"Authorization": TOKEN}, limits=limits, timeout=120) as http:
@@ -218,11 +219,18 @@ def settle(server: Server, timeout: float = 120) -> dict:
 
 
 async def soak(server: Server, clients: int, duration: float, tokens: int) -> tuple[Tally, float]:
+    """Clients start no request after `duration`; those still waiting for an answer `GRACE`
+    seconds later hang up too (counted as cut), so a run is bounded whatever the load."""
     tally = Tally()
     started = time.monotonic()
     until = started + duration
-    await asyncio.gather(*(client(n, server, until, tokens, tally) for n in range(clients)))
-    return tally, time.monotonic() - started
+    tasks = [asyncio.create_task(client(n, server, until, tokens, tally)) for n in range(clients)]
+    _, late = await asyncio.wait(tasks, timeout=duration + GRACE)
+    for task in late:
+        task.cancel()
+        tally.cut += 1
+    await asyncio.gather(*late, return_exceptions=True)
+    return tally, min(time.monotonic() - started, duration + GRACE)
 
 
 def p(values: list[float], q: float) -> float:
@@ -253,6 +261,8 @@ def main() -> int:
         serve += ["--model-path", args.model, "--engine", "llamacpp", "--cpu"]
     if args.threads:
         serve += ["--threads", str(args.threads)]
+    # llama.cpp's OpenMP threads sleep at barriers instead of spinning: far faster on a shared machine
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     load = os.getloadavg()
     print(
         f"soak: {args.engine} {'' if args.engine == 'fake' else args.model}, {args.clients} clients, "
@@ -267,10 +277,12 @@ def main() -> int:
             asyncio.run(soak(server, args.clients, args.warmup, args.tokens))
             settle(server)
         rows, failures = [], []
+        print_header(baseline)
         for run in range(1, args.runs + 1):
             tally, wall = asyncio.run(soak(server, args.clients, args.duration, args.tokens))
             state = settle(server)
             rows.append((run, tally, wall, state))
+            print_row(run, tally, wall, state)
             if tally.errors:
                 failures.append(f"run {run}: {len(tally.errors)} errors, e.g. {tally.errors[:3]}")
             leaks = {k: state[k] for k in ("running", "waiting", "kv_cells_used", "in_progress") if state[k]}
@@ -279,7 +291,6 @@ def main() -> int:
             if state["fds"] > baseline["fds"] + 8:
                 failures.append(f"run {run}: {state['fds']} open files, {baseline['fds']} before")
         log = server.log()
-    print_table(rows, baseline)
     rss = [state["rss_mb"] for *_, state in rows]
     growth = max(rss) / min(rss) - 1
     print(f"RSS across runs: {', '.join(f'{r:.0f}' for r in rss)} MB (spread {growth:.1%}, limit 10%)")
@@ -295,21 +306,25 @@ def main() -> int:
     return 1 if failures else 0
 
 
-def print_table(rows: list, baseline: dict) -> None:
+def print_header(baseline: dict) -> None:
     head = f"{'run':>3} {'ok':>6} {'503':>5} {'cut':>5} {'err':>4} {'req/s':>7} {'tok/s':>7} "
     head += " ".join(f"{k + ' p50/p95 s':>22}" for k in KINDS) + f" {'RSS MB':>7} {'fds':>4} {'kv':>3}"
-    print(head)
+    print(head, flush=True)
     print(
         f"{'-':>3} {'':>6} {'':>5} {'':>5} {'':>4} {'':>7} {'':>7} "
         + " " * 91
-        + f" {baseline['rss_mb']:>7.0f} {baseline['fds']:>4} {baseline['kv_cells_used'] or 0:>3}  (before)"
+        + f" {baseline['rss_mb']:>7.0f} {baseline['fds']:>4} {baseline['kv_cells_used'] or 0:>3}  (before)",
+        flush=True,
     )
-    for run, t, wall, s in rows:
-        cells = " ".join(f"{p(t.latencies[k], 50):>10.2f} / {p(t.latencies[k], 95):>8.2f}" for k in KINDS)
-        print(
-            f"{run:>3} {t.ok:>6} {t.busy:>5} {t.cut:>5} {len(t.errors):>4} {t.ok / wall:>7.1f} "
-            f"{t.tokens / wall:>7.1f} {cells} {s['rss_mb']:>7.0f} {s['fds']:>4} {s['kv_cells_used'] or 0:>3}"
-        )
+
+
+def print_row(run: int, t: Tally, wall: float, s: dict) -> None:
+    cells = " ".join(f"{p(t.latencies[k], 50):>10.2f} / {p(t.latencies[k], 95):>8.2f}" for k in KINDS)
+    print(
+        f"{run:>3} {t.ok:>6} {t.busy:>5} {t.cut:>5} {len(t.errors):>4} {t.ok / wall:>7.1f} "
+        f"{t.tokens / wall:>7.1f} {cells} {s['rss_mb']:>7.0f} {s['fds']:>4} {s['kv_cells_used'] or 0:>3}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -170,7 +170,7 @@ def test_kill_9_mid_export_then_restart_completes_it_once(tmp_path: Path) -> Non
     moment the file's temporary appears, checked to be mid-write, then killed."""
     export = tmp_path / "export"
     big = ["--ctx-size", "3000000", "--max-body-mb", "32"]
-    args = serve_args(tmp_path, "--export-interval", "20", *big)
+    args = serve_args(tmp_path, "--export-interval", "10", *big)
     asked: dict[str, tuple[str, str]] = {}
     with running_server(args, tmp_path) as first:
         pad = "x" * 2_500_000  # ~2.5 MB per record: the period's file is tens of MB

@@ -36,7 +36,7 @@ FAST = settings(
     suppress_health_check=list(HealthCheck),
 )
 SOCKETS = settings(FAST, max_examples=30)
-UPLOADS = settings(FAST, max_examples=20)  # each one parses and embeds: the slowest
+UPLOADS = settings(FAST, max_examples=12)  # each one parses and embeds: the slowest
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30)
 json_values = st.recursive(
