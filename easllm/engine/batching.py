@@ -79,6 +79,7 @@ class BatchingEngine(ABC):
         return self._info
 
     async def start(self) -> None:
+        self._closing = False  # an app may run its lifespan again (tests do): the engine starts afresh
         self.attach(*await asyncio.to_thread(self._load))
         self._thread = threading.Thread(target=self._loop, name=f"{self.name}-engine", daemon=True)
         self._thread.start()
@@ -93,7 +94,7 @@ class BatchingEngine(ABC):
         with self._cond:
             streams, self._streams = self._streams, {}
         for stream in streams.values():
-            _deliver_to(stream, EngineError("the engine is shutting down"))
+            _deliver_to(stream, NotReady("the server is shutting down"))  # the client still waits: 503
         if self.scheduler is not None:  # frees their grammars while the model still exists
             for seq in [*self.scheduler.running, *self.scheduler.waiting]:
                 self.scheduler.abort(seq.request_id)

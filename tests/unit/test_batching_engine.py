@@ -153,8 +153,12 @@ async def test_not_ready_before_start_and_streams_end_on_close() -> None:
     stream = engine.generate(request(LONG, 500, grammar="abcdefghijklmnopqrstuvwxyz"))
     await anext(stream)
     await engine.close()
-    with pytest.raises(EngineError):
+    with pytest.raises(NotReady):
         async for _ in stream:
             pass
     assert engine.fake_runner.closed and not engine.health().ready
     assert engine.fake_runner.grammars[0].closed and engine.fake_runner.kv_cells_used() == 0
+    await engine.start()  # an app may run its lifespan again
+    text, _ = await answer(engine, request("a"))
+    assert text == reference(encode("a"), 12)
+    await engine.close()
