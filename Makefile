@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 ARGS ?=
 
-.PHONY: install install-test serve test lint clean chromium
+.PHONY: install install-test serve test test-all lint clean chromium
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -65,7 +65,12 @@ chromium:
 	    || echo ">> chromium could not be installed here: the browser tests will skip"; \
 	fi
 
+# `make test` keeps the suite within ~15 minutes on 2 cores: everything but the tests marked
+# `slow` (extra runs of the default Qwen model); `make test-all` runs those too.
 test: install-test chromium
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: install-test chromium
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install-test

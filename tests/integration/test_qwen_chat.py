@@ -5,7 +5,7 @@ import requests
 
 from tests.servers import running_server
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 
 def test_default_model_chats_with_history_and_system_prompt(tmp_path) -> None:
