@@ -19,7 +19,7 @@ def build_engine(config: EngineConfig, model: ResolvedModel | None) -> Engine:
     if name == "fake":
         from easllm.engine.backends.fake import FakeEngine
 
-        return FakeEngine(context_length=config.ctx_size, max_queue=config.max_queue)
+        return FakeEngine(context_length=config.ctx_size, max_queue=config.max_queue, keep_requests=100)
     if model is None:
         raise ModelNotFound("no model given")
     if name == "llamacpp":

@@ -47,6 +47,7 @@ class SequentialEngine(ABC):
         self.display_name = display_name
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
         self._cancelled: set[str] = set()
+        self._live: set[str] = set()  # queued or running: only these can be aborted
         self._lock = threading.Lock()
         self._info: ModelInfo | None = None
         self._thread: threading.Thread | None = None
@@ -90,9 +91,13 @@ class SequentialEngine(ABC):
         if self._thread is None:
             raise NotReady("the model is still loading")
         job = _Job(req, asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            self._live.add(req.request_id)
         try:
             self._jobs.put_nowait(job)
         except queue.Full as exc:
+            with self._lock:
+                self._live.discard(req.request_id)
             raise EngineOverloaded("the engine queue is full") from exc
         finished = False
         try:
@@ -110,7 +115,8 @@ class SequentialEngine(ABC):
 
     async def abort(self, request_id: str) -> None:
         with self._lock:
-            self._cancelled.add(request_id)
+            if request_id in self._live:  # a finished request's id would stay in the set for ever
+                self._cancelled.add(request_id)
 
     def health(self) -> EngineHealth:
         return EngineHealth(
@@ -139,6 +145,7 @@ class SequentialEngine(ABC):
             finally:
                 self._running = 0
                 with self._lock:
+                    self._live.discard(job.req.request_id)
                     self._cancelled.discard(job.req.request_id)
 
     def _tell_if_closing(self, job: _Job) -> None:

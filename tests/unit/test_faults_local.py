@@ -99,6 +99,25 @@ async def test_requests_waiting_when_the_engine_closes_get_503_not_a_hang() -> N
     await engine.close()
 
 
+async def test_clients_leaving_after_the_last_token_leave_nothing_behind() -> None:
+    """Found by bench/soak.py: the id of a request aborted after it finished stayed in the engine's
+    set of cancelled ids for ever (one per such client, in a long-running server)."""
+    engine = FakeEngine(keep_requests=10)
+    await engine.start()
+    for i in range(40):
+        req = GenerationRequest(engine.tokenize(f"q{i}"), SamplingParams(max_new_tokens=3))
+        stream = engine.generate(req)
+        await anext(stream)
+        await asyncio.sleep(0.01)  # the worker finishes the request meanwhile
+        await stream.aclose()  # the client leaves before reading the end: an abort
+    deadline = time.monotonic() + 5
+    while engine.health().running and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert engine._cancelled == set() and engine._live == set()
+    assert len(engine.requests) <= 20  # a served fake engine keeps only its last requests
+    await engine.close()
+
+
 # -- an export killed mid-write ------------------------------------------------------------------------
 
 

@@ -46,12 +46,14 @@ class FakeEngine(SequentialEngine):
         token_delay: float = 0.0,
         chat_template: str | None = CHATML,
         max_queue: int = 256,
+        keep_requests: int | None = None,
     ) -> None:
         super().__init__("fake-model", max_queue)
         self.context_length = context_length
         self.token_delay = token_delay
         self.chat_template = chat_template
-        self.requests: list[GenerationRequest] = []
+        self.requests: list[GenerationRequest] = []  # what tests inspect
+        self.keep_requests = keep_requests  # a served fake keeps only the last ones (no leak)
 
     def _load(self) -> ModelInfo:
         return ModelInfo(
@@ -70,6 +72,8 @@ class FakeEngine(SequentialEngine):
 
     def _generate_tokens(self, req: GenerationRequest) -> Iterator[tuple[int, str]]:
         self.requests.append(req)
+        if self.keep_requests is not None and len(self.requests) > 2 * self.keep_requests:
+            del self.requests[: -self.keep_requests]
         prompt = self.detokenize(req.prompt_token_ids)
         user = prompt.rsplit("<|im_start|>user\n", 1)[-1].split("<|im_end|>", 1)[0]
         words = [f"You said: {user}."]
