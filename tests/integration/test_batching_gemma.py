@@ -137,11 +137,13 @@ def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def test_a_full_queue_answers_503_with_retry_after(small_server: Server) -> None:
-    body = {"prompt": "Once upon a time", "max_new_tokens": 200, "use_stream_chat": True}
+    # long enough to still be running when the third request comes, however slow the machine
+    body = {"prompt": "Once upon a time", "max_new_tokens": 2000, "temperature": 0, "use_stream_chat": True}
     first = requests.post(
         small_server.url, json=body, headers=small_server.headers(), stream=True, timeout=60
     )
-    next(first.iter_lines(delimiter=b"\0"))
+    chunks = first.iter_lines(delimiter=b"\0")  # held: a dropped iterator closes the connection
+    next(chunks)
     second: dict = {}
     waiter = threading.Thread(
         target=lambda: second.update(
@@ -151,12 +153,13 @@ def test_a_full_queue_answers_503_with_retry_after(small_server: Server) -> None
         )
     )
     waiter.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while small_server.health()["engine"]["waiting"] < 1:
         assert time.monotonic() < deadline
         time.sleep(0.02)
     third = requests.post(small_server.url, json={"prompt": "hi"}, headers=small_server.headers(), timeout=30)
     assert third.status_code == 503 and third.headers.get("Retry-After")
+    assert small_server.health()["engine"]["running"] == 1, "the first request is still running"
     first.close()
     waiter.join()
     assert second["r"].status_code == 200
