@@ -208,8 +208,12 @@ def test_console_and_gateway_checks_are_constant_time(
 # -- tokens never logged ----------------------------------------------------------------------------
 
 
-def test_tokens_never_reach_the_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_tokens_never_reach_the_logs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     caplog.set_level(logging.DEBUG)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):  # an in-process uvicorn elsewhere in
+        monkeypatch.setattr(logging.getLogger(name), "propagate", True)  # the session turns these off
     with start(data_dir=tmp_path, api_only=True) as client:
         client.post("/", content=b"hello [eos]", headers={"Authorization": TOKEN})
         client.post("/", content=b"hello", headers={"Authorization": f"{TOKEN}-almost"})
