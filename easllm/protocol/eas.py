@@ -20,7 +20,7 @@ from easllm.chat.template import Conversation
 from easllm.config import SamplingDefaults
 from easllm.engine.types import FinishReason, SamplingParams, Usage
 from easllm.errors import InvalidRequest
-from easllm.protocol.validation import invalid_request_from
+from easllm.protocol.validation import StopStrings, invalid_request_from
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class EasRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     do_sample: bool = True
     use_cache: bool = True
-    stop: list[StrictStr] = Field([], validation_alias=AliasChoices("stop", "stop_sequences"))
+    stop: StopStrings = Field([], validation_alias=AliasChoices("stop", "stop_sequences"))
     repetition_penalty: float = Field(1.0, gt=0)
     seed: int | None = None
     langchain: bool = False
@@ -73,20 +73,6 @@ class EasRequest(BaseModel):
             return []
         if isinstance(value, list):
             return [item for item in value if not (isinstance(item, list | tuple) and not item)]
-        return value
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_as_list(cls, value: Any) -> Any:
-        if value is None:
-            return []
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("stop")
-    @classmethod
-    def _no_empty_stop(cls, value: list[str]) -> list[str]:
-        if any(s == "" for s in value):
-            raise ValueError("stop strings must not be empty")
         return value
 
 

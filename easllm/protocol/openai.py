@@ -22,7 +22,7 @@ from easllm.config import SamplingDefaults
 from easllm.engine.types import ModelInfo, SamplingParams
 from easllm.errors import InvalidRequest
 from easllm.protocol.json_grammar import json_object_grammar, json_schema_grammar
-from easllm.protocol.validation import invalid_request_from
+from easllm.protocol.validation import StopStrings, invalid_request_from
 
 log = logging.getLogger(__name__)
 
@@ -78,25 +78,11 @@ class _Generation(_Request):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     seed: int | None = None
-    stop: list[StrictStr] = []
+    stop: StopStrings = []
     n: int = Field(1, ge=1, le=MAX_N)
     logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_as_list(cls, value: Any) -> Any:
-        if value is None:
-            return []
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("stop")
-    @classmethod
-    def _no_empty_stop(cls, value: list[str]) -> list[str]:
-        if any(s == "" for s in value):
-            raise ValueError("stop strings must not be empty")
-        return value
 
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage

@@ -4,7 +4,6 @@ import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from itertools import pairwise
 
 import pytest
@@ -13,19 +12,9 @@ from fastapi.testclient import TestClient
 from easllm.config import SamplingDefaults, ServerConfig
 from easllm.engine.backends.fake import FakeEngine
 from easllm.server.app import create_app
+from tests.apps import start
 
 TOKEN = "s3cret"
-
-
-@contextmanager
-def start(engine: FakeEngine, **config: object) -> Iterator[TestClient]:
-    app = create_app(ServerConfig(**config), engine)  # type: ignore[arg-type]
-    with TestClient(app) as client:
-        deadline = time.monotonic() + 5
-        while client.get("/health").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        yield client
 
 
 @pytest.fixture

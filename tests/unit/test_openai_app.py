@@ -3,9 +3,8 @@
 import base64
 import json
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import aclosing, contextmanager
+from contextlib import aclosing
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from easllm.config import SamplingDefaults, ServerConfig
 from easllm.engine.backends.fake import FakeEngine
 from easllm.engine.types import GenerationRequest, ModelInfo, TokenDelta, TokenLogprob
 from easllm.server.app import create_app
+from tests.apps import start
 
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -42,17 +42,6 @@ class FeaturedFake(FakeEngine):
 @pytest.fixture(autouse=True)
 def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EASLLM_HOME", str(tmp_path))  # an empty knowledge base per test
-
-
-@contextmanager
-def start(engine: FakeEngine, **config: object) -> Iterator[TestClient]:
-    app = create_app(ServerConfig(**config), engine)  # type: ignore[arg-type]
-    with TestClient(app) as client:
-        deadline = time.monotonic() + 5
-        while client.get("/health").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        yield client
 
 
 @pytest.fixture
