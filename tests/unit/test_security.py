@@ -213,7 +213,10 @@ def test_tokens_never_reach_the_logs(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):  # an in-process uvicorn elsewhere in
-        monkeypatch.setattr(logging.getLogger(name), "propagate", True)  # the session turns these off
+        logger = logging.getLogger(name)  # the session turns propagation off and raises the levels
+        monkeypatch.setattr(logger, "propagate", True)
+        monkeypatch.setattr(logger, "disabled", False)
+        caplog.set_level(logging.DEBUG, logger=name)  # restored after the test
     with start(data_dir=tmp_path, api_only=True) as client:
         client.post("/", content=b"hello [eos]", headers={"Authorization": TOKEN})
         client.post("/", content=b"hello", headers={"Authorization": f"{TOKEN}-almost"})
