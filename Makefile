@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 ARGS ?=
 
-.PHONY: install install-test serve test test-all lint clean chromium
+.PHONY: install install-test serve test test-all lint clean chromium bench-deps bench-serving
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -72,6 +72,15 @@ test: install-test chromium
 
 test-all: install-test chromium
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The serving benchmark's peers: llama-cpp-python's own server (its [server] extra, two small
+# packages) and llama.cpp's llama-server, which bench/peers.py builds once (~12 min) outside the repo.
+bench-deps: $(VENV)/.installed
+	$(PIP) install -q --find-links $(WHEEL_DIR) 'llama-cpp-python[server]==$(LLAMA_VERSION)'
+	$(PY) bench/peers.py
+
+bench-serving: bench-deps
+	HF_HUB_OFFLINE=1 $(PY) bench/serving.py $(BENCH_ARGS)
 
 lint: install-test
 	$(VENV)/bin/ruff check easllm tests bench

@@ -15,6 +15,7 @@ from easllm.config import (
     LimitsConfig,
     SamplingDefaults,
     ServerConfig,
+    default_max_batch,
     easllm_home,
 )
 from easllm.engine.factory import ENGINES
@@ -90,8 +91,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "--max-num-seqs",
         dest="max_batch",
         type=_ranged(int, 1),
-        default=16,
-        help="llama.cpp: sequences decoded together, each with its own context (default %(default)s)",
+        default=None,
+        help="sequences decoded together, each with its own context (default 16; vLLM: 256)",
     )
     m.add_argument(
         "--max-batch-tokens",
@@ -111,6 +112,12 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         type=_ranged(int, 1),
         default=1,
         help="vLLM: GPUs one model is split over (default %(default)s)",
+    )
+    m.add_argument(
+        "--gpu-memory-utilization",
+        type=_ranged(float, 0, 1, low_open=True),
+        default=0.9,
+        help="vLLM: share of each GPU's memory for weights and KV cache (default %(default)s)",
     )
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s)")
@@ -308,10 +315,11 @@ def configs_from(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
         ctx_size=args.ctx_size,
         threads=args.threads,
         max_queue=args.max_queue,
-        max_batch=args.max_batch,
+        max_batch=args.max_batch or default_max_batch(args.engine),
         max_batch_tokens=args.max_batch_tokens,
         kv_size=args.kv_size,
         tensor_parallel_size=args.tensor_parallel_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
     )
     return server, engine
 

@@ -34,6 +34,12 @@ class EngineConfig:
     max_batch_tokens: int = 512  # tokens per forward pass: decode tokens plus prefill chunks
     kv_size: int | None = None  # KV cache tokens shared by all sequences; None: ctx_size x min(4, max_batch)
     tensor_parallel_size: int = 1  # vLLM: GPUs one replica's model is split over
+    gpu_memory_utilization: float = 0.9  # vLLM: share of each GPU's memory it takes
+
+
+def default_max_batch(engine: str | None) -> int:
+    """Sequences decoded together when `--max-num-seqs` is not given: vLLM's own default on GPUs."""
+    return 256 if engine == "vllm" else EngineConfig.max_batch
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,8 @@ async def test_start_passes_model_tensor_parallel_context_and_dtype(fake_vllm, m
         "tensor_parallel_size": 4,
         "max_model_len": 4096,  # capped at the model's own limit
         "dtype": "bfloat16",
+        "max_num_seqs": 16,
+        "gpu_memory_utilization": 0.9,
         "disable_log_stats": True,
     }
     info = engine.model_info
@@ -108,6 +110,21 @@ def test_tensor_parallel_size_flag_reaches_the_engine_config() -> None:
     assert default.tensor_parallel_size == 1
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--tensor-parallel-size", "0"])
+
+
+def test_max_num_seqs_defaults_to_vllms_own_and_memory_share_reaches_vllm(tmp_path: Path) -> None:
+    def engine_for(*flags: str) -> EngineConfig:
+        return configs_from(build_parser().parse_args(["serve", *flags]))[1]
+
+    assert engine_for("--engine", "vllm").max_batch == 256  # vLLM's default on GPUs
+    assert engine_for().max_batch == engine_for("--engine", "llamacpp").max_batch == 16
+    assert engine_for("--engine", "vllm", "--max-num-seqs", "16").max_batch == 16
+    config = engine_for("--engine", "vllm", "--max-num-seqs", "48", "--gpu-memory-utilization", "0.45")
+    args = engine_args(tmp_path, config)
+    assert (args["max_num_seqs"], args["gpu_memory_utilization"]) == (48, 0.45)
+    for bad in ("0", "1.5", "half"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--gpu-memory-utilization", bad])
 
 
 # -- sampling ------------------------------------------------------------------------------------

@@ -89,6 +89,8 @@ def engine_args(model_dir: Path, config: EngineConfig) -> dict[str, Any]:
         "tensor_parallel_size": config.tensor_parallel_size,
         "max_model_len": min(config.ctx_size, longest) if longest else config.ctx_size,
         "dtype": DTYPES.get(config.precision or "", "auto"),
+        "max_num_seqs": config.max_batch,
+        "gpu_memory_utilization": config.gpu_memory_utilization,
         "disable_log_stats": True,
     }
 
