@@ -14,7 +14,6 @@ import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from easllm.config import EngineConfig
 from easllm.engine.base import EngineError, EngineOverloaded
@@ -22,23 +21,11 @@ from easllm.engine.runner import KVCacheFull, ModelRunner
 from easllm.engine.sampler import Sampler
 from easllm.engine.scheduler import Scheduler, SchedulerConfig
 from easllm.engine.sequence import Sequence
+from easllm.engine.stream import Item, Stream, put_all
 from easllm.engine.types import EngineHealth, FinishReason, GenerationRequest, ModelInfo, TokenDelta
 from easllm.errors import InvalidRequest, NotReady
 
 log = logging.getLogger(__name__)
-
-_Item = TokenDelta | BaseException
-
-
-@dataclass
-class _Stream:
-    loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue[_Item]
-
-
-def _put_all(items: list[tuple[asyncio.Queue[_Item], _Item]]) -> None:
-    for out, item in items:
-        out.put_nowait(item)
 
 
 class BatchingEngine(ABC):
@@ -53,7 +40,7 @@ class BatchingEngine(ABC):
         self._thread: threading.Thread | None = None
         self._cond = threading.Condition()
         self._inbox: list[Sequence | str] = []  # new sequences, and request ids to abort
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, Stream] = {}
         self._closing = False
         # written by the engine thread after each step, read by health()
         self._running = 0
@@ -94,7 +81,7 @@ class BatchingEngine(ABC):
         with self._cond:
             streams, self._streams = self._streams, {}
         for stream in streams.values():
-            _deliver_to(stream, NotReady("the server is shutting down"))  # the client still waits: 503
+            stream.put(NotReady("the server is shutting down"))  # the client still waits: 503
         if self.scheduler is not None:  # frees their grammars while the model still exists
             for seq in [*self.scheduler.running, *self.scheduler.waiting]:
                 self.scheduler.abort(seq.request_id)
@@ -105,7 +92,7 @@ class BatchingEngine(ABC):
         if self._thread is None or self._closing:
             raise NotReady("the model is still loading")
         seq = self.sequence(req)
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = Stream()
         with self._cond:
             queued = self._waiting + sum(isinstance(i, Sequence) for i in self._inbox)
             if queued >= self.config.max_queue or req.request_id in self._streams:
@@ -116,20 +103,9 @@ class BatchingEngine(ABC):
             self._streams[req.request_id] = stream
             self._inbox.append(seq)
             self._cond.notify()
-        finished = False
-        try:
-            while True:
-                item = await stream.out.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finish_reason is not None
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                await self.abort(req.request_id)
+        async with contextlib.aclosing(stream.deltas(lambda: self.abort(req.request_id))) as deltas:
+            async for delta in deltas:
+                yield delta
 
     async def abort(self, request_id: str) -> None:
         with self._cond:
@@ -242,7 +218,7 @@ class BatchingEngine(ABC):
         self._kv_used = self.runner.kv_cells_used()
 
     def _deliver(self, items: list[TokenDelta]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[_Item], _Item]]] = {}
+        ready: list[tuple[Stream, Item]] = []
         with self._cond:
             for delta in items:
                 if delta.finish_reason is None:
@@ -251,10 +227,8 @@ class BatchingEngine(ABC):
                     stream = self._streams.pop(delta.request_id, None)
                     self._finished += int(delta.finish_reason is not FinishReason.ABORT)
                 if stream is not None:
-                    by_loop.setdefault(stream.loop, []).append((stream.out, delta))
-        for loop, batch in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # that event loop is closed: nobody listens
-                loop.call_soon_threadsafe(_put_all, batch)
+                    ready.append((stream, delta))
+        put_all(ready)
 
     def _fail_running(self, error: EngineError) -> None:
         assert self.scheduler is not None
@@ -263,9 +237,4 @@ class BatchingEngine(ABC):
             with self._cond:
                 stream = self._streams.pop(seq.request_id, None)
             if stream is not None:
-                _deliver_to(stream, error)
-
-
-def _deliver_to(stream: _Stream, item: _Item) -> None:
-    with contextlib.suppress(RuntimeError):
-        stream.loop.call_soon_threadsafe(stream.out.put_nowait, item)
+                stream.put(error)

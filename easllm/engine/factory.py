@@ -34,9 +34,9 @@ def build_engine(config: EngineConfig, model: ResolvedModel | None) -> Engine:
                 f"--engine transformers needs a Hugging Face directory (config.json); {model.path} is GGUF: "
                 "use --engine llamacpp"
             )
-        from easllm.engine.backends.transformers import TransformersEngine
+        from easllm.engine.backends.transformers_batching import TransformersBatchingEngine
 
-        return TransformersEngine(model.path, config, model.name)
+        return TransformersBatchingEngine(model.path, config, model.name)
     if name == "vllm":
         from easllm.engine.backends.vllm import INSTALL_HINT, VllmEngine, vllm_installed
 
