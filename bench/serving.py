@@ -147,7 +147,7 @@ def openai_completions_stream(url: str, model: str | None = None) -> Stream:
                     event = json.loads(line[6:])
                     usage = (event.get("usage") or {}).get("completion_tokens", usage)
                     for choice in event.get("choices") or []:
-                        chunks += choice.get("finish_reason") is None
+                        chunks += choice.get("finish_reason") is None or bool(choice.get("text"))
                         yield None, choice.get("text", "")
         yield usage if usage is not None else chunks, ""
 
