@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.peers import PeerUnavailable, llama_cpp_python_server_available, llama_server_binary
 from easllm.config import easllm_home
 from easllm.models.bundled import bundled_model, ensure_bundled
-from tests.servers import free_port, running_server
+from tests.servers import free_port, running_server, stop, wait_ready
 
 TOPICS = [
     "a robot who learns to paint", "the history of the printing press", "why the sky is blue",
@@ -268,26 +268,13 @@ def process_server(command: list[str], ready_path: str, log: Path, timeout: floa
             [*command, "--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT
         )
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise PeerUnavailable(f"{command[0]} exited with {process.returncode}; see {log}")
-            try:
-                if requests.get(url + ready_path, timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise PeerUnavailable(f"{command[0]} not ready in {timeout}s; see {log}")
-            time.sleep(0.25)
+        try:
+            wait_ready(process, url + ready_path, timeout, lambda: f"see {log}")
+        except (RuntimeError, TimeoutError) as exc:
+            raise PeerUnavailable(str(exc)) from exc
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 PEERS = ("easllm", "llama-server", "lcpp-server", "reference", "vllm-serve")

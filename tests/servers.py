@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,24 +54,34 @@ def running_server(
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = Server(f"http://127.0.0.1:{port}", token, process, log_path)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
-            try:
-                if requests.get(f"{server.url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server not ready in {timeout}s:\n{server.log()}")
-            time.sleep(0.25)
+        wait_ready(process, f"{server.url}/health", timeout, server.log)
         yield server
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(process, signal.SIGTERM)
+
+
+def wait_ready(process: subprocess.Popen[bytes], url: str, timeout: float, log: Callable[[], str]) -> None:
+    """Poll `url` until it answers 200; RuntimeError when the process exits, TimeoutError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}:\n{log()}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not ready in {timeout}s:\n{log()}")
+        time.sleep(0.25)
+
+
+def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 20) -> None:
+    """Stop a process we started, by PID: `sig`, then SIGKILL after `grace` seconds."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
