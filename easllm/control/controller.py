@@ -24,6 +24,7 @@ from easllm.control.routing import ReplicaState, RoutingTable, ServiceRoute
 from easllm.control.runtimes.local import LocalRuntime
 from easllm.control.spec import ServiceSpec, merge_update
 from easllm.control.supervisor import Supervisor
+from easllm.control.views import event_json, invocation, replica_json, version_json
 from easllm.errors import Conflict, InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -334,37 +335,17 @@ class Controller:
             **self.summary(record),
             "spec": spec.public(),
             "token": record.token,
-            "invocation": {
-                "endpoint": endpoint,
-                "token": record.token,
-                "websocket": endpoint.replace("http", "ws", 1),
-                "openai_base_url": f"{endpoint}/v1",
-                "webui": f"{endpoint}/webui/",
-                "curl": f'curl {endpoint} -H "Authorization: {record.token}" --data-binary @prompt.txt',
-            },
+            "invocation": invocation(endpoint, record.token),
             "instances": self.ray.instances(name, record.current_version)
             if spec.runtime == "ray"
             else [
-                _replica_json(
+                replica_json(
                     replicas.get(row.id), row.id, row.version, row.port, row.pid, row.status, row.restarts
                 )
                 for row in self.registry.replicas(name)
             ],
-            "versions": [
-                {
-                    "version": v.version,
-                    "status": v.status,
-                    "created_at": v.created_at.isoformat(),
-                    "model": v.spec.model,
-                    "engine": v.spec.engine,
-                    "replicas": v.spec.replicas,
-                }
-                for v in self.registry.versions(name)
-            ],
-            "events": [
-                {"at": e.at.isoformat(), "kind": e.kind, "message": e.message}
-                for e in self.registry.events(name)
-            ],
+            "versions": [version_json(v) for v in self.registry.versions(name)],
+            "events": [event_json(e) for e in self.registry.events(name)],
         }
 
     def summary(self, record: ServiceRecord) -> dict[str, Any]:
@@ -391,33 +372,6 @@ class Controller:
 
     def list(self) -> list[dict[str, Any]]:
         return [self.summary(r) for r in self.registry.services()]
-
-
-def _replica_json(
-    live: ReplicaState | None, rid: int, version: int, port: int, pid: int | None, status: str, restarts: int
-) -> dict[str, Any]:
-    if live is None:
-        return {
-            "id": rid,
-            "version": version,
-            "port": port,
-            "pid": pid,
-            "status": status,
-            "restarts": restarts,
-        }
-    return {
-        "id": rid,
-        "version": live.version,
-        "port": live.port,
-        "pid": live.pid,
-        "status": live.status,
-        "restarts": live.restarts,
-        "exit_code": live.exit_code,
-        "outstanding": live.outstanding,
-        "served": live.served,
-        "detail": live.detail,
-        "log": live.log_path,
-    }
 
 
 def _changes(old: ServiceSpec, new: ServiceSpec) -> str:
