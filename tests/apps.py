@@ -14,11 +14,17 @@ from easllm.server.app import create_app
 
 
 @contextmanager
-def start(engine: Engine, **config: object) -> Iterator[TestClient]:
-    app = create_app(ServerConfig(**config), engine)  # type: ignore[arg-type]
-    with TestClient(app) as client:
+def serving(config: ServerConfig, engine: Engine) -> Iterator[TestClient]:
+    """The app for `config` over `engine` in a TestClient, once its engine is ready."""
+    with TestClient(create_app(config, engine)) as client:
         deadline = time.monotonic() + 5
         while client.get("/health").status_code != 200:
             assert time.monotonic() < deadline
             time.sleep(0.01)
+        yield client
+
+
+@contextmanager
+def start(engine: Engine, **config: object) -> Iterator[TestClient]:
+    with serving(ServerConfig(**config), engine) as client:  # type: ignore[arg-type]
         yield client

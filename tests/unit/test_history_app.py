@@ -20,9 +20,9 @@ from easllm.history.export import HistoryExporter
 from easllm.history.record import conversation_from_messages
 from easllm.rag.splitter import Chunk
 from easllm.rag.store import Hit
-from easllm.server.app import create_app
 from easllm.server.metrics import ServiceMetrics
 from easllm.server.observability import RoundObserver
+from tests.apps import serving
 
 TOKEN = "s3cret"
 AUTH = {"Authorization": TOKEN}
@@ -38,12 +38,7 @@ def start(tmp: Path, **config: Any) -> Iterator[TestClient]:
         "sampling": SamplingDefaults(max_new_tokens=8),
         **config,
     }
-    app = create_app(ServerConfig(**settings), FakeEngine(context_length=1024))
-    with TestClient(app) as client:
-        deadline = time.monotonic() + 5
-        while client.get("/health").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+    with serving(ServerConfig(**settings), FakeEngine(context_length=1024)) as client:
         yield client
 
 

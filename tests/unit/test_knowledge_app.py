@@ -1,7 +1,6 @@
 """/v1/knowledge routes and `"langchain": true` answers over the fake engine and the real e5 embedder."""
 
 import json
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from easllm.config import KnowledgeConfig, SamplingDefaults, ServerConfig
 from easllm.engine.backends.fake import FakeEngine
-from easllm.server.app import create_app
+from tests.apps import serving
 from tests.rag_samples import (
     DEEPSPEED_README,
     FACTS_JA,
@@ -28,12 +27,7 @@ AUTH = {"Authorization": TOKEN}
 @contextmanager
 def start(engine: FakeEngine, data_dir: Path, **config: object) -> Iterator[TestClient]:
     defaults: dict[str, object] = {"token": TOKEN, "sampling": SamplingDefaults(max_new_tokens=8)}
-    app = create_app(ServerConfig(data_dir=data_dir, **{**defaults, **config}), engine)  # type: ignore[arg-type]
-    with TestClient(app) as client:
-        deadline = time.monotonic() + 5
-        while client.get("/health").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+    with serving(ServerConfig(data_dir=data_dir, **{**defaults, **config}), engine) as client:  # type: ignore[arg-type]
         yield client
 
 

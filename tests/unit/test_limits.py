@@ -18,8 +18,8 @@ from starlette.websockets import WebSocketDisconnect
 from easllm.cli import build_parser, configs_from
 from easllm.config import KnowledgeConfig, LimitsConfig, SamplingDefaults, ServerConfig
 from easllm.engine.backends.fake import FakeEngine
-from easllm.server.app import create_app
 from easllm.server.routes.websocket import EOS
+from tests.apps import serving
 
 TOKEN = "limits-token"
 AUTH = {"Authorization": TOKEN}
@@ -36,11 +36,7 @@ def start(engine: FakeEngine, tmp: Path, **limits: float) -> Iterator[TestClient
         knowledge=KnowledgeConfig(max_file_mb=0.1),
         limits=LimitsConfig(**limits),  # type: ignore[arg-type]
     )
-    with TestClient(create_app(config, engine)) as client:
-        deadline = time.monotonic() + 5
-        while client.get("/health").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+    with serving(config, engine) as client:
         yield client
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,8 +17,8 @@ from easllm.config import SamplingDefaults, ServerConfig
 from easllm.engine.backends.fake import FakeEngine
 from easllm.engine.types import EngineHealth
 from easllm.logs import JsonFormatter, configure_logging
-from easllm.server.app import create_app
 from easllm.server.metrics import BatchHistogram, EngineCollector, KnowledgeCollector
+from tests.apps import serving
 
 TOKEN = "s3cret"
 AUTH = {"Authorization": TOKEN}
@@ -34,12 +33,7 @@ def start(tmp_path: Any, **config: Any) -> Iterator[TestClient]:
         "sampling": SamplingDefaults(max_new_tokens=8),
         **config,
     }
-    app = create_app(ServerConfig(**settings), FakeEngine(context_length=1024))
-    with TestClient(app) as client:
-        deadline = time.monotonic() + 5
-        while client.get("/health").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+    with serving(ServerConfig(**settings), FakeEngine(context_length=1024)) as client:
         yield client
 
 

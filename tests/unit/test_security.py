@@ -34,8 +34,8 @@ from easllm.control.registry import Registry
 from easllm.control.spec import parse_spec
 from easllm.engine.backends.fake import FakeEngine
 from easllm.logs import RedactSecrets
-from easllm.server.app import create_app
 from easllm.server.routes.websocket import EOS
+from tests.apps import serving
 from tests.unit.test_webui_app import LOCKED as WEBUI_LOCKED
 
 TOKEN = "sec-token-7f3a"
@@ -50,12 +50,7 @@ WRONG = [{}, {"Authorization": "wrong"}, {"Authorization": f"Bearer {TOKEN}-"}, 
 @contextmanager
 def start(engine: FakeEngine | None = None, **config: Any) -> Iterator[TestClient]:
     settings: dict[str, Any] = {"token": TOKEN, "sampling": SamplingDefaults(max_new_tokens=4), **config}
-    app = create_app(ServerConfig(**settings), engine or FakeEngine(context_length=512))
-    with TestClient(app) as client:
-        deadline = time.monotonic() + 5
-        while client.get("/health").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+    with serving(ServerConfig(**settings), engine or FakeEngine(context_length=512)) as client:
         yield client
 
 

@@ -18,8 +18,8 @@ from easllm.engine.backends.fake import FakeEngine
 from easllm.engine.base import EngineOverloaded
 from easllm.engine.types import TokenDelta
 from easllm.errors import InvalidRequest
-from easllm.server.app import create_app
 from easllm.server.routes.websocket import EOS, MAX_PENDING
+from tests.apps import serving
 
 TOKEN = "s3cret"
 AUTH = {"Authorization": TOKEN}
@@ -28,12 +28,7 @@ AUTH = {"Authorization": TOKEN}
 @contextmanager
 def start(engine: FakeEngine, **config: object) -> Iterator[TestClient]:
     config = {"token": TOKEN, "sampling": SamplingDefaults(max_new_tokens=8), **config}
-    app = create_app(ServerConfig(**config), engine)  # type: ignore[arg-type]
-    with TestClient(app) as client:
-        deadline = time.monotonic() + 5
-        while client.get("/health").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+    with serving(ServerConfig(**config), engine) as client:  # type: ignore[arg-type]
         yield client
 
 

@@ -20,10 +20,10 @@ from easllm.config import KnowledgeConfig, SamplingDefaults, ServerConfig
 from easllm.engine.backends.fake import FakeEngine
 from easllm.rag.embedder import SharedEmbedder
 from easllm.rag.knowledge import KnowledgeBase
-from easllm.server.app import create_app
 from easllm.webui.app import model_banner
 from easllm.webui.chat_tab import ChatRunner
 from easllm.webui.knowledge_tab import KnowledgeActions
+from tests.apps import serving
 
 TOKEN = "webui-s3cret"
 HTML = {"Accept": "text/html,application/xhtml+xml"}
@@ -35,12 +35,7 @@ def start(tmp_path: Path, **config: object) -> Iterator[TestClient]:
         "data_dir": tmp_path / "data",
         "sampling": SamplingDefaults(max_new_tokens=8),
     }
-    app = create_app(ServerConfig(**{**settings, **config}), FakeEngine(context_length=512))  # type: ignore[arg-type]
-    with TestClient(app) as client:
-        deadline = time.monotonic() + 5
-        while client.get("/health").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+    with serving(ServerConfig(**{**settings, **config}), FakeEngine(context_length=512)) as client:  # type: ignore[arg-type]
         yield client
 
 
