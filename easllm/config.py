@@ -25,6 +25,8 @@ class SamplingDefaults:
 class EngineConfig:
     model_path: str = "qwen2.5-0.5b-instruct"
     engine: str | None = None  # transformers | llamacpp | vllm | fake; None: by model format
+    quantization: str | None = None  # GGUF file to fetch (Q4_K_M, Q8_0, ...); None: the catalog's default
+    model_source: str = "huggingface"  # huggingface | modelscope: where a named model is fetched from
     cpu: bool = False
     precision: str | None = None  # fp32 | fp16 | bf16; None: by device
     ctx_size: int = 8192  # the context of one sequence: prompt plus answer

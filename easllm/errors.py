@@ -49,3 +49,7 @@ class ModelNotFound(FileNotFoundError):
 
 class ChecksumMismatch(RuntimeError):
     """A bundled model assembled from its packages does not match its published checksum."""
+
+
+class PullFailed(ModelNotFound):
+    """A model could not be fetched from its source: token, disk space, network, a missing file."""

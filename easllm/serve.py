@@ -9,7 +9,7 @@ from easllm.config import EngineConfig, ServerConfig, easllm_home
 from easllm.engine.factory import EngineUnavailable, build_engine
 from easllm.errors import ChecksumMismatch, ModelNotFound
 from easllm.logs import configure_logging
-from easllm.models.resolve import ResolvedModel, resolve_model
+from easllm.models.resolve import ResolvedModel, resolve_configured
 
 log = logging.getLogger("easllm.serve")
 
@@ -29,7 +29,7 @@ def serve(server: ServerConfig, engine_config: EngineConfig) -> int:
         model: ResolvedModel | None = None
         if engine_config.engine != "fake":
             _progress(f"resolving model {engine_config.model_path}")
-            model = resolve_model(engine_config.model_path, easllm_home(), _progress)
+            model = resolve_configured(engine_config, easllm_home(), _progress)
             _progress(f"model file: {model.path}")
         engine = build_engine(engine_config, model)
     except (ModelNotFound, ChecksumMismatch, EngineUnavailable) as exc:

@@ -1,4 +1,4 @@
-"""`--model-path` -> a file or directory on this machine, and the engine that fits it."""
+"""`--model-path` -> a file or directory on this machine (fetched first if need be), and its engine."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from easllm.config import EngineConfig
 from easllm.errors import ModelNotFound
 from easllm.models.bundled import Progress, bundled_model, ensure_bundled
-from easllm.models.catalog import CatalogEntry, catalog_entry
+from easllm.models.catalog import CatalogEntry
+from easllm.models.lock import model_lock
+from easllm.models.pull import local_pull, pull, remote_ref
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,15 @@ class ResolvedModel:
         return "llamacpp" if self.format == "gguf" else "transformers"
 
 
-def resolve_model(spec: str, home: Path, progress: Progress) -> ResolvedModel:
+def resolve_model(
+    spec: str,
+    home: Path,
+    progress: Progress,
+    engine: str | None = None,
+    quantization: str | None = None,
+    source: str = "huggingface",
+) -> ResolvedModel:
+    """A bundled name, a local file or folder, or a model to fetch (pulled once, then local)."""
     bundled = bundled_model(spec)
     if bundled is not None:
         return ResolvedModel(bundled.name, ensure_bundled(bundled, home, progress), "gguf")
@@ -39,27 +50,21 @@ def resolve_model(spec: str, home: Path, progress: Progress) -> ResolvedModel:
         if len(ggufs) == 1:
             return ResolvedModel(ggufs[0].stem, ggufs[0], "gguf")
         raise ModelNotFound(f"{path} holds no config.json (Hugging Face format) and no single .gguf file")
-    entry = catalog_entry(spec)
-    if entry is not None:
-        return ResolvedModel(entry.name, _catalog_path(entry, home), "hf", entry)
-    raise ModelNotFound(
-        f"unknown model {spec!r}: use a bundled name (qwen2.5-0.5b-instruct, gemma3-270m), a catalog "
-        "name (easllm models), a Hugging Face directory with config.json, or a .gguf file"
-    )
-
-
-def _catalog_path(entry: CatalogEntry, home: Path) -> Path:
-    local = home / "models" / entry.name
-    if (local / "config.json").is_file():
-        return local
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(entry.repo_id, local_files_only=True))
-    except Exception as exc:
+    ref = remote_ref(spec, engine, quantization, source)
+    if ref is None:
         raise ModelNotFound(
-            f"catalog model {entry.name} ({entry.repo_id}, {entry.params_b}B parameters) is not on this "
-            f"machine. Put its Hugging Face files (config.json, weights, tokenizer) in {local}, or into "
-            "the Hugging Face cache (`hf download "
-            f"{entry.repo_id}` on a machine with internet, then copy ~/.cache/huggingface/hub)."
-        ) from exc
+            f"unknown model {spec!r}: use a bundled name (qwen2.5-0.5b-instruct, gemma3-270m), a catalog "
+            "name (easllm models), a hub repository ORG/REPO[:QUANT], s3://bucket/prefix/, a Hugging Face "
+            "directory with config.json, or a .gguf file"
+        )
+    with model_lock(home / "pulled" / ref.key, progress):  # one pull per model on this machine
+        pulled = local_pull(ref, home) or pull(ref, home, progress)
+    fmt: Literal["gguf", "hf"] = "gguf" if pulled.format == "gguf" else "hf"
+    return ResolvedModel(ref.name, pulled.path, fmt, ref.catalog)
+
+
+def resolve_configured(config: EngineConfig, home: Path, progress: Progress) -> ResolvedModel:
+    """The model an `easllm serve` configuration names, pulled first when it is remote and absent."""
+    return resolve_model(
+        config.model_path, home, progress, config.engine, config.quantization, config.model_source
+    )

@@ -26,7 +26,7 @@ def build_service_app(argv: list[str], token: str | None) -> Any:
     from easllm.config import easllm_home
     from easllm.engine.factory import build_engine
     from easllm.logs import configure_logging
-    from easllm.models.resolve import resolve_model
+    from easllm.models.resolve import resolve_configured
     from easllm.server.app import create_app
 
     server, engine_config = configs_from(build_parser().parse_args(["serve", *argv]))
@@ -34,7 +34,7 @@ def build_service_app(argv: list[str], token: str | None) -> Any:
     configure_logging(server.log_level, server.log_format)
     model = None
     if engine_config.engine != "fake":
-        model = resolve_model(engine_config.model_path, easllm_home(), lambda m: log.info("%s", m))
+        model = resolve_configured(engine_config, easllm_home(), lambda m: log.info("%s", m))
     return create_app(server, build_engine(engine_config, model))
 
 
