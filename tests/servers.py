@@ -41,11 +41,16 @@ class Server:
 
 @contextmanager
 def running_server(
-    args: list[str], tmp: Path, token: str | None = "test-token", timeout: float = 240
+    args: list[str],
+    tmp: Path,
+    token: str | None = "test-token",
+    timeout: float = 240,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Server]:
+    """`env` overrides variables (e.g. HF_ENDPOINT and HF_HUB_OFFLINE=0 for a test's fake hub)."""
     port = free_port()
     log_path = tmp / f"server-{port}.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     env.pop("EASLLM_TOKEN", None)
     cmd = [sys.executable, "-m", "easllm.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     if token:

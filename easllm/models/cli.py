@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -22,6 +23,8 @@ def _say(message: str) -> None:
 
 def run_pull(args: argparse.Namespace) -> int:
     home = easllm_home()
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per request otherwise
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     bundled = bundled_model(args.model)
     try:
         if bundled is not None:

@@ -55,7 +55,8 @@ def plan_hub(
     if fmt is None:
         fmt = "gguf" if any(n.lower().endswith(".gguf") for n in names) else "hf"
     chosen = choose_gguf(repo_id, names, quant, known) if fmt == "gguf" else choose_hf(repo_id, names)
-    return RemotePlan("huggingface", repo_id, info.sha or revision, fmt, [files[n] for n in chosen])
+    # downloads ask for `revision` (main), not the commit, so that the cache records refs/main for offline use
+    return RemotePlan("huggingface", repo_id, revision, fmt, [files[n] for n in chosen])
 
 
 def pull_hub(
