@@ -279,9 +279,14 @@ def _new_token() -> str:
 
 def _wait(client: Any, name: str, version: int, timeout: float, started: float) -> int:
     """Until `version` serves with all its replicas ready, or fails."""
+    shown = ""
     while time.monotonic() - started < timeout:
         service = client.describe(name)
         status = next(v["status"] for v in service["versions"] if v["version"] == version)
+        pull = service.get("pull")
+        if pull and pull["state"] == "pulling" and (line := _pull_line(pull))[:60] != shown[:60]:
+            print(f"{name}: pulling {line}", flush=True)
+            shown = line
         if status == "failed" or service["status"] == "failed":
             print(f"{name}: version {version} failed", file=sys.stderr)
             for event in service["events"][-5:]:
@@ -294,6 +299,14 @@ def _wait(client: Any, name: str, version: int, timeout: float, started: float) 
         time.sleep(0.5)
     print(f"{name}: not ready after {timeout:.0f}s (see `easllm describe {name}`)", file=sys.stderr)
     return 1
+
+
+def _pull_line(pull: dict[str, Any]) -> str:
+    gib = 1 << 30
+    return (
+        f"{pull['repo_id']} from {pull['source']}: {pull['percent']}% ({pull['done_bytes'] / gib:.2f} of "
+        f"{pull['total_bytes'] / gib:.2f} GiB){' ' + pull['error'] if pull['error'] else ''}"
+    )
 
 
 def _print_invocation(service: dict[str, Any]) -> None:
@@ -347,6 +360,8 @@ def _describe(client: Any, args: argparse.Namespace) -> int:
             f"  v{v['version']:<3} {v['status']:11} {v['model']} ({v['engine'] or 'auto'}), {v['replicas']} "
             f"replica(s), {v['created_at'][:19]}"
         )
+    if s.get("pull"):
+        print(f"Model pull\n  {s['pull']['state']:10} {_pull_line(s['pull'])}")
     print("Events")
     for e in s["events"][-10:]:
         print(f"  {e['at'][:19]} {e['kind']:9} {e['message'].splitlines()[0] if e['message'] else ''}")

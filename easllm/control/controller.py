@@ -17,6 +17,7 @@ from typing import Any
 from easllm.config import easllm_home
 from easllm.control.config import ConsoleConfig
 from easllm.control.machine import Machine, detect_machine
+from easllm.control.pulls import ModelPulls
 from easllm.control.ray_services import RayServices
 from easllm.control.recommend import Recommendation, recommend
 from easllm.control.registry import NameTaken, Registry, ServiceRecord, UnknownService
@@ -26,6 +27,7 @@ from easllm.control.spec import ServiceSpec, merge_update
 from easllm.control.supervisor import Supervisor
 from easllm.control.views import event_json, invocation, replica_json, version_json
 from easllm.errors import Conflict, InvalidRequest
+from easllm.models.pull import ModelRef
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class Controller:
         self.supervisor = Supervisor(config, registry, self.runtime, self.routing)
         self.ray = RayServices(config, registry, self.routing, self.supervisor.spec, self.supervisor.busy)
         self.machine = machine
+        self.pulls = ModelPulls(easllm_home())
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
@@ -162,12 +165,35 @@ class Controller:
             raise Conflict(f"a service named {spec.name} exists already", "name") from exc
         self.registry.set_version_status(spec.name, 1, "active")
         self.routing.add(ServiceRoute(spec.name, record.token, 1))
+        if (ref := self.pulls.needed(spec)) is not None:  # fetched once, then the replicas start
+            await lock.acquire()
+            self._spawn(self._pull_then_launch(spec, ref), lock)
+            return record
         async with lock:
             if spec.runtime == "ray":
                 await self.ray.deploy(spec, 1)
             for _ in range(spec.replicas if spec.runtime == "local" else 0):
                 self.supervisor.launch(spec.name, 1, spec)
         return record
+
+    async def _pull_then_launch(self, spec: ServiceSpec, ref: ModelRef) -> None:
+        name = spec.name
+        self.supervisor.busy[name] = "pulling"
+        self._refresh(name)
+        self.registry.add_event(name, "pull", f"fetching {ref.repo_id} from {ref.source} for the replicas")
+        try:
+            pulled = await self.pulls.ensure(ref, lambda line: self.registry.add_event(name, "pull", line))
+        except Exception as exc:
+            self.supervisor.busy.pop(name, None)
+            self.registry.add_event(name, "pull", f"failed: {exc}")
+            self.registry.set_version_status(name, 1, "failed")
+            self.registry.update_service(name, status="failed")
+            return
+        self.supervisor.busy.pop(name, None)
+        self.registry.add_event(name, "pull", f"pulled {ref.repo_id}: {pulled.path}")
+        for _ in range(spec.replicas):
+            self.supervisor.launch(name, 1, spec)
+        self._refresh(name)
 
     async def update(self, name: str, changes: dict[str, object]) -> int:
         """Record the next version and roll it out in the background; returns its number."""
@@ -345,6 +371,7 @@ class Controller:
                 for row in self.registry.replicas(name)
             ],
             "versions": [version_json(v) for v in self.registry.versions(name)],
+            "pull": pull.as_dict() if (pull := self.pulls.of(spec)) else None,
             "events": [event_json(e) for e in self.registry.events(name)],
         }
 

@@ -2,7 +2,7 @@
 
 Nothing here loads a model or imports torch: bundled models are described from their packages,
 GGUF files from their header, Hugging Face directories from config.json and weight-file sizes,
-catalog models from the catalog.
+models still to pull from their source's file listing (sizes before any download) and the catalog.
 """
 
 from __future__ import annotations
@@ -10,13 +10,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from easllm.control.gguf_header import GgufError, read_gguf_header
+from easllm.errors import ModelNotFound
 from easllm.models.bundled import QWEN_PARTS, bundled_model
 from easllm.models.catalog import CatalogEntry, catalog_entry
+from easllm.models.pull import ModelRef, download_dir, local_pull, plan, remote_ref
 
 log = logging.getLogger(__name__)
 BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0}
@@ -33,8 +35,10 @@ class ModelFacts:
     weights_bytes: int | None  # on disk, for formats whose memory is their file size (GGUF)
     precision: str  # "q4_k_m" for quantised GGUF, else the stored dtype
     kv_bytes_per_token: int
-    available: bool  # the weights are on this machine (or a bundled package can assemble them)
+    available: bool  # on this machine, or a bundled package or a reachable source can provide them
     missing: str = ""  # why not available
+    download_bytes: int = 0  # still to fetch from the source
+    download_dir: str = ""  # where they will be written
 
     @property
     def default_engine(self) -> str:
@@ -48,8 +52,15 @@ BUNDLED_FACTS = {
 }
 
 
-def model_facts(model: str, home: Path) -> ModelFacts | None:
-    """Facts about a bundled name, catalog name, GGUF file or HF directory; None if unknown."""
+def model_facts(
+    model: str,
+    home: Path,
+    engine: str | None = None,
+    quantization: str | None = None,
+    source: str = "huggingface",
+    gpu: bool = False,
+) -> ModelFacts | None:
+    """Facts about a bundled name, GGUF file, HF directory or a model to pull; None if unknown."""
     bundled = bundled_model(model)
     if bundled is not None:
         params_b, ctx, kv, size = BUNDLED_FACTS[bundled.name]
@@ -67,10 +78,19 @@ def model_facts(model: str, home: Path) -> ModelFacts | None:
         if len(ggufs) == 1:
             return _gguf_facts(ggufs[0])
         return None
-    entry = catalog_entry(model)
-    if entry is not None:
-        return _catalog_facts(entry, home)
-    return None
+    try:
+        ref = remote_ref(model, engine, quantization, source, gpu)
+    except ModelNotFound as exc:
+        entry = catalog_entry(model)
+        return _estimate(entry, "gguf", str(exc)) if entry else None
+    if ref is None:
+        return None
+    local = local_pull(ref, home)
+    if local is not None:
+        if local.format == "gguf":
+            return _gguf_facts(local.path)
+        return _hf_facts(local.path, ref.name, "catalog" if ref.catalog else "hf", ref.catalog)
+    return _remote_facts(ref, home)
 
 
 def _bundled_missing(name: str) -> str:
@@ -123,37 +143,39 @@ def _hf_facts(
     return ModelFacts(name, source, "hf", round(params_b, 3), ctx, None, precision, kv, True)
 
 
-def _catalog_facts(entry: CatalogEntry, home: Path) -> ModelFacts:
-    local = _catalog_local_dir(entry, home)
-    if local is not None:
-        return _hf_facts(local, entry.name, "catalog", entry)
-    kv = int(KV_BYTES_PER_B_PARAMS * entry.params_b)
-    missing = (
-        f"the weights of {entry.repo_id} are not on this machine: put them in "
-        f"{home / 'models' / entry.name} or the Hugging Face cache"
+def _remote_facts(ref: ModelRef, home: Path) -> ModelFacts:
+    """A model still to pull, from its source's listing (file sizes) and the catalog."""
+    try:
+        remote = plan(ref)
+    except ModelNotFound as exc:  # offline, gated, missing: estimated from the catalog, refused
+        return _estimate(ref.catalog, ref.format or "gguf", str(exc), ref.name)
+    entry = ref.catalog
+    params_b = entry.params_b if entry else remote.weights_bytes / (0.6e9 if remote.format == "gguf" else 2e9)
+    facts = _estimate(entry, remote.format, "", ref.name, params_b)
+    return replace(
+        facts,
+        weights_bytes=remote.weights_bytes if remote.format == "gguf" else None,
+        precision=(ref.quant or "gguf").lower() if remote.format == "gguf" else facts.precision,
+        download_bytes=remote.total_bytes,
+        download_dir=str(download_dir(ref, home)),
     )
+
+
+def _estimate(
+    entry: CatalogEntry | None, fmt: str, missing: str, name: str = "", params_b: float = 0.0
+) -> ModelFacts:
+    """Facts from the catalog alone; `missing` non-empty: not available, for that reason."""
+    params_b = params_b or (entry.params_b if entry else 0.0)
+    gguf = fmt == "gguf"
     return ModelFacts(
-        entry.name,
-        "catalog",
-        "hf",
-        entry.params_b,
-        entry.context_length,
-        None,
-        entry.precision,
-        kv,
-        False,
+        name or (entry.name if entry else "?"),
+        "catalog" if entry else "hf",
+        "gguf" if gguf else "hf",
+        round(params_b, 3),
+        entry.context_length if entry else 4096,
+        int(params_b * 0.6e9) if gguf else None,  # Q4_K_M: ~4.8 bits per weight
+        "q4_k_m" if gguf else (entry.precision if entry else "bf16"),
+        int(KV_BYTES_PER_B_PARAMS * params_b),
+        not missing,
         missing,
     )
-
-
-def _catalog_local_dir(entry: CatalogEntry, home: Path) -> Path | None:
-    local = home / "models" / entry.name
-    if (local / "config.json").is_file():
-        return local
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(entry.repo_id, "config.json")
-    except Exception:  # an unreadable cache is the same as no cache here
-        return None
-    return Path(cached).parent if isinstance(cached, str) else None

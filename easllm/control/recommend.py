@@ -16,6 +16,8 @@ from pathlib import Path
 from easllm.control.machine import GIB, Machine
 from easllm.control.modelfacts import BYTES_PER_PARAM, ModelFacts, model_facts
 from easllm.control.spec import ServiceSpec
+from easllm.errors import PullFailed
+from easllm.models.plan import check_disk
 
 MIB = 1 << 20
 RUNTIME_BYTES = {"llamacpp": 512 * MIB, "transformers": GIB, "vllm": 2 * GIB, "fake": 192 * MIB}
@@ -69,11 +71,13 @@ class Recommendation:
 
 def recommend(spec: ServiceSpec, machine: Machine, home: Path) -> Recommendation:
     options = spec.serve_options()
-    facts = model_facts(spec.model, home)
+    gpu = spec.resources.gpu > 0 or spec.engine == "vllm"
+    facts = model_facts(spec.model, home, spec.engine, options.quantization, options.model_source, gpu)
     problems: list[Problem] = []
     engine = spec.engine or (facts.default_engine if facts else "llamacpp")
     if engine != "fake":
         problems += _model_problems(spec.model, facts)
+        problems += _disk_problems(facts)
         problems += _engine_problems(engine, facts, spec, machine)
     device = "gpu" if engine == "vllm" or spec.resources.gpu > 0 else "cpu"
     context = min(options.ctx_size, facts.context_length) if facts else options.ctx_size
@@ -141,6 +145,17 @@ def _model_problems(model: str, facts: ModelFacts | None) -> list[Problem]:
             )
         ]
     return [] if facts.available else [Problem("model", f"{facts.name}: {facts.missing}")]
+
+
+def _disk_problems(facts: ModelFacts | None) -> list[Problem]:
+    """A model to pull that does not fit on the disk it would be written to."""
+    if facts is None or not facts.download_bytes:
+        return []
+    try:
+        check_disk(facts.download_bytes, Path(facts.download_dir), f"pull {facts.name}")
+    except PullFailed as exc:
+        return [Problem("model", str(exc))]
+    return []
 
 
 def _engine_problems(

@@ -153,7 +153,7 @@ def _reporting_tqdm(on_bytes: Callable[[int], None] | None, quiet: bool) -> type
 
 def _offline(repo_id: str, why: str) -> ModelNotFound:
     return ModelNotFound(
-        f"{why} and {repo_id} is not in the Hugging Face cache ({repo_cache_dir(repo_id)}). On a machine "
+        f"{repo_id} is not on this machine ({repo_cache_dir(repo_id)}) and {why}. On a machine "
         f"that reaches the hub run `easllm pull {repo_id}` (files go to {hub_cache_dir()}; copy that folder "
         "here, or set HF_HOME to where it is), or unset HF_HUB_OFFLINE, or set HF_ENDPOINT to a mirror"
     )

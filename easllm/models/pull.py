@@ -59,9 +59,16 @@ class PulledModel:
 
 
 def remote_ref(
-    spec: str, engine: str | None = None, quantization: str | None = None, source: str = "huggingface"
+    spec: str,
+    engine: str | None = None,
+    quantization: str | None = None,
+    source: str = "huggingface",
+    gpu: bool = False,
 ) -> ModelRef | None:
-    """What to fetch for `spec`, or None when it names nothing remote (a local path, a bundled name)."""
+    """What to fetch for `spec`, or None when it names nothing remote (a local path, a bundled name).
+
+    A catalog name with no engine given: its GGUF build (llama.cpp) on a CPU, its safetensors
+    repository when it runs on a GPU (`gpu`)."""
     if quantization is not None and not QUANT_NAME.match(quantization):
         raise ModelNotFound(f"--quantization {quantization!r}: letters, digits, _ . - (at most 32)")
     if source not in SOURCES:
@@ -70,6 +77,8 @@ def remote_ref(
         return ModelRef(spec, spec.rstrip("/").rsplit("/", 1)[-1], "s3", spec, None, None)
     entry = catalog_entry(spec)
     if entry is not None:
+        if engine is None and gpu and not quantization:
+            engine = "transformers"
         return _catalog_ref(spec, entry, engine, quantization, source)
     match = REPO_SPEC.match(spec)
     if match is None or Path(spec).expanduser().exists():
@@ -96,6 +105,19 @@ def _catalog_ref(
         return ModelRef(spec, entry.name, source, repo, "hf", None, catalog=entry)
     quant = (quantization or DEFAULT_QUANT).upper()
     return ModelRef(spec, entry.name, source, entry.gguf_repo, "gguf", quant, entry.gguf_files, entry)
+
+
+def download_dir(ref: ModelRef, home: Path) -> Path:
+    """Where `ref`'s files will be written (for the disk check before a deploy)."""
+    if ref.source == "s3":
+        from easllm.models.s3 import s3_target
+
+        return s3_target(ref.repo_id, home)
+    if ref.source == "modelscope":
+        return Path(os.environ.get("MODELSCOPE_CACHE") or Path.home() / ".cache" / "modelscope")
+    from easllm.models.hub import hub_cache_dir
+
+    return hub_cache_dir()
 
 
 def plan(ref: ModelRef) -> RemotePlan:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -33,6 +34,7 @@ def resolve_model(
     engine: str | None = None,
     quantization: str | None = None,
     source: str = "huggingface",
+    gpu: bool = False,
 ) -> ResolvedModel:
     """A bundled name, a local file or folder, or a model to fetch (pulled once, then local)."""
     bundled = bundled_model(spec)
@@ -50,7 +52,7 @@ def resolve_model(
         if len(ggufs) == 1:
             return ResolvedModel(ggufs[0].stem, ggufs[0], "gguf")
         raise ModelNotFound(f"{path} holds no config.json (Hugging Face format) and no single .gguf file")
-    ref = remote_ref(spec, engine, quantization, source)
+    ref = remote_ref(spec, engine, quantization, source, gpu)
     if ref is None:
         raise ModelNotFound(
             f"unknown model {spec!r}: use a bundled name (qwen2.5-0.5b-instruct, gemma3-270m), a catalog "
@@ -65,6 +67,7 @@ def resolve_model(
 
 def resolve_configured(config: EngineConfig, home: Path, progress: Progress) -> ResolvedModel:
     """The model an `easllm serve` configuration names, pulled first when it is remote and absent."""
+    gpu = not config.cpu and shutil.which("nvidia-smi") is not None
     return resolve_model(
-        config.model_path, home, progress, config.engine, config.quantization, config.model_source
+        config.model_path, home, progress, config.engine, config.quantization, config.model_source, gpu
     )

@@ -88,20 +88,21 @@ def test_bundled_gemma_is_described_without_loading_it(tmp_path: Path) -> None:
 
 
 def test_catalog_model_size_follows_precision(tmp_path: Path) -> None:
-    bf16 = recommend(parse_spec({"name": "a", "model": "qwen1.5-7b"}), BIG, tmp_path)
-    fp32 = recommend(parse_spec({"name": "a", "model": "qwen1.5-7b", "precision": "fp32"}), BIG, tmp_path)
+    hf = {"name": "a", "model": "qwen1.5-7b", "engine": "transformers"}
+    bf16 = recommend(parse_spec(hf), BIG, tmp_path)
+    fp32 = recommend(parse_spec({**hf, "precision": "fp32"}), BIG, tmp_path)
     assert bf16.engine == "transformers" and bf16.weights_bytes == int(7.7e9 * 2)
     assert fp32.weights_bytes == 2 * bf16.weights_bytes
     assert bf16.recommended["cpu"] == 8 and bf16.recommended["memory"] * MIB > bf16.per_replica_bytes
 
 
-def test_absent_catalog_weights_are_refused_with_where_to_put_them(tmp_path: Path) -> None:
+def test_absent_catalog_weights_offline_are_refused_with_what_to_pull(tmp_path: Path) -> None:
     rec = recommend(parse_spec({"name": "a", "model": "qwen1.5-7b"}), BIG, tmp_path)
-    assert not rec.fits
-    assert (
-        rec.problems[0].param == "model"
-        and str(tmp_path / "models" / "qwen1.5-7b") in rec.problems[0].message
-    )
+    assert not rec.fits and rec.engine == "llamacpp" and rec.precision == "q4_k_m"
+    assert rec.weights_bytes == int(7.7e9 * 0.6), "estimated from the catalog while the hub is unreachable"
+    message = rec.problems[0].message
+    assert rec.problems[0].param == "model" and "not on this machine" in message
+    assert "easllm pull Qwen/Qwen1.5-7B-Chat-GGUF" in message and "HF_HUB_OFFLINE" in message
 
 
 def test_catalog_weights_in_the_models_folder_are_found(tmp_path: Path) -> None:
