@@ -110,13 +110,15 @@ def kill_leftovers(state_dir: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def start_console(state_dir: Path, port: int, *extra: str, timeout: float = 90) -> ConsoleProcess:
+def start_console(
+    state_dir: Path, port: int, *extra: str, timeout: float = 90, env: dict[str, str] | None = None
+) -> ConsoleProcess:
     state_dir.mkdir(parents=True, exist_ok=True)
     log_path = state_dir / f"console-{time.monotonic_ns()}.log"
     cmd = [sys.executable, "-m", "easllm.cli", "console", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--state-dir", str(state_dir), "--admin-token", ADMIN, "--health-interval", "0.5", *extra]
     with log_path.open("wb") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env())
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env() | (env or {}))
     console = ConsoleProcess(f"http://127.0.0.1:{port}", state_dir, process, log_path)
     deadline = time.monotonic() + timeout
     while True:
@@ -144,8 +146,10 @@ def stop_console(console: ConsoleProcess, sig: signal.Signals = signal.SIGTERM) 
 
 
 @contextmanager
-def running_console(state_dir: Path, *extra: str) -> Iterator[ConsoleProcess]:
-    console = start_console(state_dir, free_port(), *extra)
+def running_console(
+    state_dir: Path, *extra: str, env: dict[str, str] | None = None
+) -> Iterator[ConsoleProcess]:
+    console = start_console(state_dir, free_port(), *extra, env=env)
     try:
         yield console
     finally:
