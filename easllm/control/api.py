@@ -13,6 +13,7 @@ GET    /api/machine, /api/models
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -68,7 +69,7 @@ async def deploy(request: Request, dry_run: bool = False) -> Response:
     controller = _controller(request)
     spec = parse_spec(await _json_object(request))
     if dry_run:
-        rec = controller.check(spec)
+        rec = await asyncio.to_thread(controller.check, spec)  # may ask the model's source for sizes
         return JSONResponse(
             {"spec": spec.public(), "recommendation": rec.as_dict(), "summary": rec.summary()}
         )
@@ -80,7 +81,7 @@ async def deploy(request: Request, dry_run: bool = False) -> Response:
 async def recommendation(request: Request) -> dict[str, Any]:
     data = await _json_object(request)
     spec = parse_spec({"name": "preview", **data})
-    rec = _controller(request).check(spec)
+    rec = await asyncio.to_thread(_controller(request).check, spec)
     return {"recommendation": rec.as_dict(), "summary": rec.summary()}
 
 

@@ -156,7 +156,7 @@ class Controller:
         if spec.runtime == "ray":
             await self.ray.prepare(spec)
         else:
-            self._refuse_unless_fits(spec)
+            await asyncio.to_thread(self._refuse_unless_fits, spec)  # may ask the hub for file sizes
         spec = spec.with_token()
         lock = self._lock(spec.name)
         try:
@@ -209,7 +209,7 @@ class Controller:
             await self.ray.prepare(new)
         elif record.desired == "running" and not (scale_only and new.replicas <= old.replicas):
             extra = new.replicas - old.replicas if scale_only else new.replicas
-            self._refuse_unless_fits(new.model_copy(update={"replicas": extra}))
+            await asyncio.to_thread(self._refuse_unless_fits, new.model_copy(update={"replicas": extra}))
         lock = self._lock(name)
         await lock.acquire()
         version = self.registry.add_version(name, new)
