@@ -75,6 +75,7 @@ def test_pull_a_quantization_then_offline_and_listed(hub: FakeHub, env: dict[str
     assert "tiny-gguf" in line and "0.00 GiB" in line and f"huggingface:{GGUF_REPO}" in line
 
 
+@pytest.mark.slow
 def test_several_gguf_files_and_no_quantization_lists_them(env: dict[str, str]) -> None:
     done = easllm(["pull", GGUF_REPO], env)
     assert done.returncode == 2
@@ -84,6 +85,7 @@ def test_several_gguf_files_and_no_quantization_lists_them(env: dict[str, str]) 
     assert "Q4_K_M, Q8_0" in missing.stderr
 
 
+@pytest.mark.slow
 def test_catalog_name_fetches_its_q4_k_m_build_and_quantization_overrides(env: dict[str, str]) -> None:
     fake = FakeHub()
     repo = "Qwen/Qwen1.5-1.8B-Chat-GGUF"
@@ -132,6 +134,7 @@ def test_two_pulls_at_once_download_once(hub: FakeHub, env: dict[str, str]) -> N
     assert outs[0][0] == outs[1][0] and hub.downloads(Q4) == 1
 
 
+@pytest.mark.slow
 def test_kill_9_mid_transfer_never_leaves_a_loadable_partial(hub: FakeHub, env: dict[str, str]) -> None:
     hub.seconds_per_chunk = 0.05
     cmd = [sys.executable, "-m", "easllm.cli", "pull", f"{GGUF_REPO}:Q4_K_M"]

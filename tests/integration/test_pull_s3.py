@@ -17,6 +17,7 @@ pytestmark = pytest.mark.integration
 boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")
 GGUF = b"GGUF" + bytes(range(256)) * 4000
+GEMMA = Path(os.environ["EASLLM_HOME"]) / "models" / "gemma-3-270m-q4_k_m.gguf"
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,25 @@ def test_a_missing_bucket_is_named(s3_env: dict[str, str], tmp_path: Path) -> No
     assert done.returncode == 2 and "NoSuchBucket" in done.stderr
 
 
+@pytest.mark.skipif(not GEMMA.is_file(), reason="the bundled gemma GGUF is not assembled")
+def test_serve_an_s3_gguf_model(s3_env: dict[str, str], tmp_path: Path) -> None:
+    client = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"], **_keys(s3_env))
+    client.put_object(Bucket="models", Key="gemma/gemma-3-270m-q4_k_m.gguf", Body=GEMMA.read_bytes())
+    args = ["--model-path", "s3://models/gemma/", "--threads", "2", "--api-only"]
+    with running_server(args, tmp_path, env=s3_env | {"EASLLM_HOME": str(tmp_path / "home")}) as server:
+        assert server.health()["engine"]["model"] == "gemma"
+        answer = requests.post(
+            f"{server.url}/v1/completions",
+            json={"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0},
+            headers=server.headers(),
+            timeout=60,
+        )
+        assert answer.status_code == 200 and answer.json()["choices"][0]["text"].strip()
+    pulled = tmp_path / "home/models/s3/models/gemma/gemma-3-270m-q4_k_m.gguf"
+    assert pulled.stat().st_size == GEMMA.stat().st_size
+
+
+@pytest.mark.slow
 def test_serve_an_s3_safetensors_model(s3_env: dict[str, str], tmp_path: Path) -> None:
     from tests.tiny_model import build_tiny_model
 
