@@ -180,20 +180,18 @@ class Controller:
         name = spec.name
         self.supervisor.busy[name] = "pulling"
         self._refresh(name)
-        self.registry.add_event(name, "pull", f"fetching {ref.repo_id} from {ref.source} for the replicas")
-        try:
-            pulled = await self.pulls.ensure(ref, lambda line: self.registry.add_event(name, "pull", line))
-        except Exception as exc:
-            self.supervisor.busy.pop(name, None)
-            self.registry.add_event(name, "pull", f"failed: {exc}")
+        why = await self.pulls.fetch_for(spec, self._pull_event(name), ref)
+        self.supervisor.busy.pop(name, None)
+        if why is not None:
             self.registry.set_version_status(name, 1, "failed")
             self.registry.update_service(name, status="failed")
             return
-        self.supervisor.busy.pop(name, None)
-        self.registry.add_event(name, "pull", f"pulled {ref.repo_id}: {pulled.path}")
         for _ in range(spec.replicas):
             self.supervisor.launch(name, 1, spec)
         self._refresh(name)
+
+    def _pull_event(self, name: str) -> Callable[[str], None]:
+        return lambda message: self.registry.add_event(name, "pull", message)
 
     async def update(self, name: str, changes: dict[str, object]) -> int:
         """Record the next version and roll it out in the background; returns its number."""
@@ -245,8 +243,9 @@ class Controller:
 
     async def _roll_out(self, name: str, version: int, record: ServiceRecord, spec: ServiceSpec) -> None:
         old = [r for r in self.supervisor.of(name) if r.version != version]
-        new = [self.supervisor.launch(name, version, spec) for _ in range(spec.replicas)]
-        why = await self.supervisor.wait_ready(new, self.config.startup_timeout)
+        why = await self.pulls.fetch_for(spec, self._pull_event(name))
+        new = [self.supervisor.launch(name, version, spec) for _ in range(spec.replicas)] if not why else []
+        why = why or await self.supervisor.wait_ready(new, self.config.startup_timeout)
         if why is not None:
             await self.supervisor.retire(new)
             self.registry.set_version_status(name, version, "failed")

@@ -74,6 +74,22 @@ class ModelPulls:
             return None
         return self.progress.get(ref.key) if ref is not None else None
 
+    async def fetch_for(
+        self, spec: ServiceSpec, event: Callable[[str], None], ref: ModelRef | None = None
+    ) -> str | None:
+        """Fetch the model `spec` names when it is not here yet, telling `event`; why it failed, or None."""
+        ref = ref or self.needed(spec)
+        if ref is None:
+            return None
+        event(f"fetching {ref.repo_id} from {ref.source} for the replicas")
+        try:
+            pulled = await self.ensure(ref, event)
+        except Exception as exc:
+            event(f"failed: {exc}")
+            return f"pulling {ref.repo_id} failed: {exc}"
+        event(f"pulled {ref.repo_id}: {pulled.path}")
+        return None
+
     async def ensure(self, ref: ModelRef, event: Callable[[str], None]) -> PulledModel:
         """Pull `ref` (joining a pull already running), telling `event` each tenth of the way."""
         task = self._tasks.get(ref.key)

@@ -2,7 +2,7 @@
 
 The `modelscope` package lists a repository's files with their sizes and SHA-256, downloads into
 its cache (MODELSCOPE_CACHE, default ~/.cache/modelscope) and checks each file's SHA-256 itself;
-MODELSCOPE_DOMAIN points it at another endpoint, MODELSCOPE_API_TOKEN carries a token.
+MODELSCOPE_ENDPOINT points it at another endpoint, MODELSCOPE_API_TOKEN carries a token.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def plan_modelscope(repo_id: str, fmt: str | None, quant: str | None, known: dic
     except Exception as exc:
         raise PullFailed(
             f"{repo_id} on ModelScope: {type(exc).__name__}: {exc} (a gated model needs "
-            "MODELSCOPE_API_TOKEN; another endpoint: MODELSCOPE_DOMAIN)"
+            "MODELSCOPE_API_TOKEN; another endpoint: MODELSCOPE_ENDPOINT)"
         ) from exc
     files = {
         e["Path"]: RemoteFile(e["Path"], e.get("Size"), e.get("Sha256") or None)

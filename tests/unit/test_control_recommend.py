@@ -187,3 +187,20 @@ def test_summary_tells_memory_and_refusals(tmp_path: Path) -> None:
 def test_this_machine_is_detected() -> None:
     machine = detect_machine()
     assert machine.cpus >= 1 and 0 < machine.memory_available_bytes <= machine.memory_total_bytes
+
+
+def test_a_model_to_pull_is_sized_from_its_listing_and_refused_when_the_disk_is_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from easllm.control import modelfacts
+    from easllm.models import plan as plan_module
+    from easllm.models.plan import RemoteFile, RemotePlan
+
+    gguf = RemoteFile("qwen2-7b-instruct-q4_k_m.gguf", 4_683_073_952, "ab" * 32)
+    listing = RemotePlan("huggingface", "Qwen/Qwen2-7B-Instruct-GGUF", None, "gguf", [gguf])
+    monkeypatch.setattr(modelfacts, "plan", lambda ref: listing)  # what the hub's listing says
+    rec = recommend(parse_spec({"name": "a", "model": "qwen2-7b"}), BIG, tmp_path)
+    assert rec.fits and rec.engine == "llamacpp" and rec.weights_bytes == gguf.size
+    monkeypatch.setattr(plan_module.shutil, "disk_usage", lambda p: type("U", (), {"free": 2 << 30})())
+    rec = recommend(parse_spec({"name": "a", "model": "qwen2-7b"}), BIG, tmp_path)
+    assert [p.param for p in rec.problems] == ["model"] and "not enough disk" in rec.problems[0].message
