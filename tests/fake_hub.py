@@ -3,6 +3,7 @@
 - `GET /api/models/{org}/{repo}[/revision/{rev}]`: model info with `siblings` (size, LFS SHA-256)
 - `HEAD|GET /{org}/{repo}/resolve/{rev}/{file}`: X-Repo-Commit, ETag, X-Linked-Etag/X-Linked-Size
   for LFS files, Content-Length; GET honours `Range` (206) so an interrupted transfer resumes
+`FakeModelScope`: the listing and download routes of ModelScope's client.
 A gated repository answers 401 with `X-Error-Code: GatedRepo` unless the request carries its token.
 Every request is recorded (method, file, Range) so tests can count downloads.
 """
@@ -148,8 +149,8 @@ class FakeHub:
 
 
 @contextmanager
-def running_hub(hub: FakeHub) -> Iterator[FakeHub]:
-    """The fake hub under uvicorn in a thread on 127.0.0.1; stopped on exit."""
+def running_hub(hub: FakeHub | FakeModelScope) -> Iterator[FakeHub | FakeModelScope]:
+    """A fake hub (or ModelScope) under uvicorn in a thread on 127.0.0.1; stopped on exit."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(hub.app(), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -165,3 +166,47 @@ def running_hub(hub: FakeHub) -> Iterator[FakeHub]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@dataclass
+class FakeModelScope:
+    """The two routes the ModelScope client calls to list and fetch a repository's files."""
+
+    repos: dict[str, dict[str, HubFile]] = field(default_factory=dict)
+    requests: list[tuple[str, str]] = field(default_factory=list)  # route, file
+    url: str = ""
+
+    def add(self, repo: str, name: str, content: bytes | Path) -> HubFile:
+        data = content.read_bytes() if isinstance(content, Path) else content
+        hub_file = HubFile(content, True, hashlib.sha256(data).hexdigest())
+        self.repos.setdefault(repo, {})[name] = hub_file
+        return hub_file
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        def missing() -> Response:
+            return JSONResponse({"Code": 404, "Message": "not found", "Success": False}, status_code=404)
+
+        @app.get("/api/v1/models/{org}/{name}/repo/files")
+        async def files(org: str, name: str) -> Response:
+            self.requests.append(("files", f"{org}/{name}"))
+            repo = self.repos.get(f"{org}/{name}")
+            if repo is None:
+                return missing()
+            listing = [
+                {"Path": n, "Name": n, "Size": f.size, "Sha256": f.sha256, "Type": "blob", "Revision": COMMIT}
+                for n, f in sorted(repo.items())
+            ]
+            return JSONResponse({"Code": 200, "Data": {"Files": listing}, "Success": True})
+
+        @app.get("/api/v1/models/{org}/{name}/repo")
+        async def download(org: str, name: str, FilePath: str) -> Response:
+            self.requests.append(("download", FilePath))
+            hub_file = self.repos.get(f"{org}/{name}", {}).get(FilePath)
+            if hub_file is None:
+                return missing()
+            headers = {"Content-Length": str(hub_file.size)}
+            return StreamingResponse(hub_file.read(0), 200, headers, "application/octet-stream")
+
+        return app
