@@ -159,7 +159,14 @@ async def models() -> dict[str, list[dict[str, object]]]:
     return {
         "bundled": [{"name": b.name, "description": b.description, "chat": b.chat} for b in BUNDLED.values()],
         "catalog": [
-            {"name": c.name, "repo_id": c.repo_id, "params_b": c.params_b, "context_length": c.context_length}
+            {
+                "name": c.name,
+                "repo_id": c.repo_id,
+                "params_b": c.params_b,
+                "context_length": c.context_length,
+                "gguf_repo": c.gguf_repo or None,
+                "quantizations": list(c.gguf_files),
+            }
             for c in CATALOG.values()
         ],
     }

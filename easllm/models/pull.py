@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from easllm.errors import ModelNotFound
+from easllm.models.bundled import Progress
 from easllm.models.catalog import DEFAULT_QUANT, CatalogEntry, catalog_entry
 from easllm.models.plan import RemotePlan
 
 log = logging.getLogger(__name__)
-Progress = Callable[[str], None]
 SOURCES = ("huggingface", "modelscope")
 REPO_SPEC = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96})(?::(?P<quant>[\w.-]{1,32}))?$")
 QUANT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
