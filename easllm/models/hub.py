@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from easllm.errors import ChecksumMismatch, ModelNotFound, PullFailed
 from easllm.models.plan import RemoteFile, RemotePlan, check_disk, choose_gguf, choose_hf, sha256_of
 
 log = logging.getLogger(__name__)
-COMMIT = re.compile(r"^[0-9a-f]{40}$")
+LISTING_TIMEOUT = 30.0  # seconds for the hub's file listing
 
 
 def hub_cache_dir() -> Path:
@@ -42,7 +41,7 @@ def plan_hub(
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     try:
-        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True, timeout=LISTING_TIMEOUT)
     except OfflineModeIsEnabled as exc:
         raise _offline(repo_id, "HF_HUB_OFFLINE is set") from exc
     except Exception as exc:
