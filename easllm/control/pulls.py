@@ -78,7 +78,10 @@ class ModelPulls:
         self, spec: ServiceSpec, event: Callable[[str], None], ref: ModelRef | None = None
     ) -> str | None:
         """Fetch the model `spec` names when it is not here yet, telling `event`; why it failed, or None."""
-        ref = ref or self.needed(spec)
+        try:
+            ref = ref or self.needed(spec)
+        except ModelNotFound as exc:
+            return str(exc)
         if ref is None:
             return None
         event(f"fetching {ref.repo_id} from {ref.source} for the replicas")

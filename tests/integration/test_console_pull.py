@@ -22,12 +22,16 @@ SERVE = ["--serve-args", "--api-only --threads 2 --max-new-tokens 8 --ctx-size 2
 def test_deploy_a_catalog_name_pulls_once_with_progress(tmp_path: Path) -> None:
     hub = FakeHub(seconds_per_chunk=0.01)  # ~2.5 s for the file: progress has time to show
     hub.add(REPO, FILE, GEMMA)  # a real, small GGUF under the catalog's file name
+    hub.add("Qwen/Qwen2-7B-Instruct-GGUF", "qwen2-7b-instruct-q4_k_m.gguf", b"GGUF" + bytes(64))
+    hub.gated["Qwen/Qwen2-7B-Instruct-GGUF"] = "hf_not_given"
     with running_hub(hub):
         env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
         with running_console(tmp_path / "state", env=env) as console:
             dry = console.cli("deploy", "--name", "pulled", "--model", "qwen1.5-1.8b", "--dry-run", *SERVE)
             assert dry.returncode == 0 and "weights 0.24 GiB" in dry.stdout, dry.stdout + dry.stderr
             assert hub.downloads(FILE) == 0, "the recommendation reads the hub's listing, downloads nothing"
+            gated = console.cli("deploy", "--name", "gated", "--model", "qwen2-7b", *SERVE)
+            assert gated.returncode == 2 and "is gated" in gated.stderr and "HF_TOKEN" in gated.stderr
 
             out = console.cli("deploy", "--name", "pulled", "--model", "qwen1.5-1.8b", *SERVE)
             assert out.returncode == 0, out.stdout + out.stderr + console.log()
