@@ -186,3 +186,37 @@ def test_serve_pulls_a_hub_gguf_when_absent_and_answers(tmp_path: Path) -> None:
             assert answer.status_code == 200 and answer.json()["choices"][0]["text"].strip()
             assert "pulled google-test/gemma-3-270m-GGUF" in server.log()
     assert fake.downloads("gemma-3-270m-Q4_K_M.gguf") == 1
+
+
+def test_a_safetensors_repository_fetches_what_transformers_loads(env: dict[str, str]) -> None:
+    fake = FakeHub()
+    repo = "acme/tiny-llama"
+    for name, data in [
+        ("config.json", b'{"model_type": "llama"}'),
+        ("tokenizer.json", b"{}"),
+        ("model.safetensors", _payload(50_000, 6)),
+        ("pytorch_model.bin", _payload(50_000, 7)),  # the same weights again: not fetched
+        ("original/consolidated.pth", _payload(1000, 8)),
+    ]:
+        fake.add(repo, name, data)
+    with running_hub(fake):
+        done = easllm(["pull", repo, "--engine", "transformers"], env | {"HF_ENDPOINT": fake.url})
+    assert done.returncode == 0, done.stderr
+    folder = Path(done.stdout.strip())
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert fake.downloads("pytorch_model.bin") == 0
+
+
+@pytest.mark.slow
+def test_serve_a_hub_safetensors_repository_on_transformers(tmp_path: Path) -> None:
+    from tests.tiny_model import build_tiny_model
+
+    fake = FakeHub()
+    fake.add_folder("acme/tiny-llama", build_tiny_model(tmp_path / "tiny-llama"))
+    with running_hub(fake):
+        env = {"HF_ENDPOINT": fake.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
+        args = ["--model-path", "acme/tiny-llama", "--engine", "transformers", "--precision", "fp32"]
+        args += ["--cpu", "--api-only", "--max-new-tokens", "8"]
+        with running_server(args, tmp_path, env=env) as server:
+            assert server.health()["engine"]["model"] == "tiny-llama"
+            assert requests.post(server.url, data="hello", headers=server.headers(), timeout=60).ok
