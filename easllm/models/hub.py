@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -97,6 +98,11 @@ def cached_hub(repo_id: str, fmt: str | None, quant: str | None, known: dict[str
         return snapshot / chosen[0]
     if not (snapshot / "config.json").is_file() or not any(n.endswith(".safetensors") for n in names):
         return None
+    index = snapshot / "model.safetensors.index.json"
+    if index.is_file():  # a sharded model: every shard, or it is not all there
+        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        if not all((snapshot / s).is_file() for s in shards):
+            return None
     return snapshot
 
 
