@@ -1,4 +1,4 @@
-"""`easllm serve` and `easllm models`; flags map one to one onto the config dataclasses."""
+"""`easllm serve`, `easllm pull` and `easllm models`; flags map one to one onto the config dataclasses."""
 
 from __future__ import annotations
 
