@@ -50,6 +50,26 @@ def add_console_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
         "--startup-timeout", type=float, default=600.0, help="seconds for a replica to get ready"
     )
     console.add_argument("--health-interval", type=float, default=2.0, help="seconds between health checks")
+    console.add_argument(
+        "--max-failed-starts",
+        type=int,
+        default=5,
+        help="failed starts in a row (retried with back-off) before a replica is marked failed "
+        "(%(default)s)",
+    )
+    console.add_argument(
+        "--routing",
+        choices=("prefix", "least-loaded"),
+        default="prefix",
+        help="how the gateway picks a replica: prefix keeps a conversation on one replica (its "
+        "prefix cache) within a load bound; least-loaded: fewest requests in flight (%(default)s)",
+    )
+    console.add_argument(
+        "--routing-load-factor",
+        type=float,
+        default=1.25,
+        help="prefix routing: no replica takes more than this x the average load (>= 1; %(default)s)",
+    )
     console.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
     console.add_argument(
         "--ray-address",
@@ -207,6 +227,12 @@ def _console(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
+    if not 1.0 <= args.routing_load_factor <= 100.0:
+        print("error (--routing-load-factor): must be between 1 and 100", file=sys.stderr)
+        return 2
+    if not 1 <= args.max_failed_starts <= 1000:
+        print("error (--max-failed-starts): must be between 1 and 1000", file=sys.stderr)
+        return 2
     state_dir: Path = args.state_dir or easllm_home()
     admin = args.admin_token or load_or_create_admin_token(state_dir)
     config = ConsoleConfig(
@@ -218,6 +244,9 @@ def _console(args: argparse.Namespace) -> int:
         public_url=args.public_url,
         keep_replicas=args.keep_replicas,
         health_interval=args.health_interval,
+        max_failed_starts=args.max_failed_starts,
+        routing=args.routing,
+        routing_load_factor=args.routing_load_factor,
         startup_timeout=args.startup_timeout,
         drain_timeout=args.drain_timeout,
         log_level=args.log_level,
@@ -278,19 +307,38 @@ def _new_token() -> str:
 
 
 def _wait(client: Any, name: str, version: int, timeout: float, started: float) -> int:
-    """Until `version` serves with all its replicas ready, or fails."""
+    """Until `version` serves with all its replicas ready, or it (or one of its replicas) fails;
+    crashes and retries are printed as they happen."""
+    seen = None
     while time.monotonic() - started < timeout:
         service = client.describe(name)
+        events = service["events"]
+        seen = len(events) if seen is None else seen
+        for event in events[seen:]:
+            if event["kind"] in ("crash", "failed"):
+                print(f"  {event['kind']}: {event['message'].splitlines()[0]}", file=sys.stderr, flush=True)
+        seen = len(events)
         status = next(v["status"] for v in service["versions"] if v["version"] == version)
         if status == "failed" or service["status"] == "failed":
             print(f"{name}: version {version} failed", file=sys.stderr)
-            for event in service["events"][-5:]:
+            for event in events[-5:]:
                 print(f"  {event['kind']}: {event['message']}", file=sys.stderr)
             return 1
         if status == "active" and service["status"] == "running":
             print(f"{name}: version {version} ready in {time.monotonic() - started:.1f}s")
             _print_invocation(service)
             return 0
+        failed = [r for r in service["instances"] if r["version"] == version and r["status"] == "failed"]
+        if status == "active" and failed:
+            ready = service["replicas"]
+            print(
+                f"{name}: version {version} serves with {ready['ready']} of {ready['wanted']} replicas; "
+                f"{len(failed)} failed:",
+                file=sys.stderr,
+            )
+            for r in failed:
+                print(f"  replica {r['id']}: {r.get('detail') or 'failed'}", file=sys.stderr)
+            return 1
         time.sleep(0.5)
     print(f"{name}: not ready after {timeout:.0f}s (see `easllm describe {name}`)", file=sys.stderr)
     return 1
