@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import re
+import sys
 from pathlib import Path
 
 from easllm import __version__

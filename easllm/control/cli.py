@@ -54,8 +54,7 @@ def add_console_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
         "--max-failed-starts",
         type=int,
         default=5,
-        help="failed starts in a row (retried with back-off) before a replica is marked failed "
-        "(%(default)s)",
+        help="failed starts in a row (retried with back-off) before a replica is marked failed (%(default)s)",
     )
     console.add_argument(
         "--routing",

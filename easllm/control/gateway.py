@@ -6,9 +6,9 @@ never buffered); WebSocket messages are relayed both ways. The service token is 
 replica's own. A browser's WebUI session stays on one replica (the `easllm_replica` cookie names
 it; it moves only when that replica no longer serves); a generation request goes to the replica
 its conversation's key hashes to, within a load bound (routing.py, affinity.py); the rest to the
-replica with the fewest requests in flight. If a replica cannot be reached, the request goes to another; if one dies before answering, requests that are
-safe to repeat (generation, GETs) are retried elsewhere; a stream cut mid-way ends with an error
-chunk in the stream's own format.
+replica with the fewest requests in flight. If a replica cannot be reached, the request goes to
+another; if one dies before answering, requests that are safe to repeat (generation, GETs) are
+retried elsewhere; a stream cut mid-way ends with an error chunk in the stream's own format.
 """
 
 from __future__ import annotations
@@ -165,7 +165,9 @@ def _browser_session(method: str, path: str, pinned: int | None) -> bool:
     """The WebUI's requests (and a browser's `GET /`, which leads to it) are pinned; so is any
     request of a session already pinned, whose replica is gone. API clients are never pinned."""
     path = path.strip("/")
-    return pinned is not None or path == "webui" or path.startswith("webui/") or (path == "" and method == "GET")
+    return (
+        pinned is not None or path == "webui" or path.startswith("webui/") or (path == "" and method == "GET")
+    )
 
 
 def _give_back(replica: ReplicaState, supervisor: Supervisor, why: str) -> None:

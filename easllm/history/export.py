@@ -5,7 +5,8 @@ clock hour; the first period starts when the server does. A round is appended to
 write-ahead log (wal.py, in a local directory) the moment it finishes. When the period ends,
 its log is sealed and a worker thread copies it to
 
-    DIR/history-<start>-<end>[-<replica>].jsonl   (UTC, e.g. history-20250131T120000Z-20250131T130000Z.jsonl)
+    DIR/history-<start>-<end>[-<replica>].jsonl
+        (UTC, e.g. history-20250131T120000Z-20250131T130000Z-replica-3.jsonl)
 
 through a temporary file, fsync and a rename that never overwrites; only then is the log
 deleted. A crash between the two exports the log again on the next start, and an identical
@@ -13,9 +14,9 @@ file already there counts as done, so no round appears twice. Periods without ro
 file. Each replica of a service (`--replica-name`, which the console sets) writes its own
 files, named after it: replicas share the log directory, and a log that a stopped or killed
 replica left is exported by the next one to start, still under its writer's name, so after a
-rolling update every round is in the export once. A disk that is full, read-only or gone is logged at ERROR and retried with back-off:
-records wait in the log (or, when the log itself cannot be written, in memory) and serving
-goes on.
+rolling update every round is in the export once. A disk that is full, read-only or gone is
+logged at ERROR and retried with back-off: records wait in the log (or, when the log itself
+cannot be written, in memory) and serving goes on.
 """
 
 from __future__ import annotations

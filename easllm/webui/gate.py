@@ -100,7 +100,8 @@ class WebUIGate:
         if not isinstance(tokens, dict) or not cookie_id:
             return scope
         tokens[self._header_session] = GATEWAY_USER
-        ours = f"access-token-{cookie_id}={self._header_session}; access-token-unsecure-{cookie_id}={self._header_session}"
+        session = self._header_session
+        ours = f"access-token-{cookie_id}={session}; access-token-unsecure-{cookie_id}={session}"
         headers = [(k, v) for k, v in scope.get("headers", []) if k != b"cookie"]
         theirs = "; ".join(v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"cookie")
         headers.append((b"cookie", (f"{theirs}; {ours}" if theirs else ours).encode("latin-1")))

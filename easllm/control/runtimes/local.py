@@ -53,9 +53,7 @@ def gateway_prefix(service: str) -> str:
     return f"/api/predict/{service}"
 
 
-def serve_command(
-    spec: ServiceSpec, port: int, data_dir: Path, replica_name: str | None = None
-) -> list[str]:
+def serve_command(spec: ServiceSpec, port: int, data_dir: Path, replica_name: str | None = None) -> list[str]:
     """The `easllm serve` command line of one replica of `spec` (its token goes in the environment)."""
     options = spec.serve_options()
     cmd = [sys.executable, "-m", "easllm.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
