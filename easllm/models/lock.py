@@ -37,7 +37,7 @@ def model_lock(
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(lock_path(target), thread_local=False)
     try:
-        lock.acquire(timeout=WAIT_NOTICE)
+        lock.acquire(timeout=min(WAIT_NOTICE, timeout))
     except Timeout:
         progress(f"{target.name}: another process is preparing it; waiting")
         try:
