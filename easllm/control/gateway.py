@@ -6,9 +6,12 @@ never buffered); WebSocket messages are relayed both ways. The service token is 
 replica's own. A browser's WebUI session stays on one replica (the `easllm_replica` cookie names
 it; it moves only when that replica no longer serves); a generation request goes to the replica
 its conversation's key hashes to, within a load bound (routing.py, affinity.py); the rest to the
-replica with the fewest requests in flight. If a replica cannot be reached, the request goes to
-another; if one dies before answering, requests that are safe to repeat (generation, GETs) are
-retried elsewhere; a stream cut mid-way ends with an error chunk in the stream's own format.
+replica with the fewest requests in flight. A Ray service has one endpoint here, Serve's proxy:
+the gateway names the session or conversation in Serve's `serve_multiplexed_model_id` header and
+Serve keeps it on one of its replicas (runtimes/ray_replica.py). If a replica cannot be reached,
+the request goes to another; if one dies before answering, requests that are safe to repeat
+(generation, GETs) are retried elsewhere; a stream cut mid-way ends with an error chunk in the
+stream's own format.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import secrets
 from collections.abc import AsyncIterator
 from urllib.parse import urlencode
 
@@ -38,6 +43,8 @@ router = APIRouter(include_in_schema=False)
 COOKIE = "easllm_token"
 REPLICA_COOKIE = "easllm_replica"  # session affinity: the id of the replica a browser stays on
 GATEWAY_COOKIES = {COOKIE, REPLICA_COOKIE}  # never passed on to replicas
+SERVE_AFFINITY_HEADER = "serve_multiplexed_model_id"  # Ray Serve routes equal values to one replica
+SESSION = re.compile(r"s[0-9a-f]{24}")  # a browser session's name, for services Serve routes
 HOP_BY_HOP = {
     "connection",
     "keep-alive",
@@ -100,7 +107,11 @@ async def predict(request: Request, service: str, path: str = "") -> Response:
     if not token_matches(token, route.token):
         return error_response(401, f"missing or wrong token for service {service}")
     body = await request.body()
-    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
+    headers = [
+        (k, v)
+        for k, v in request.headers.items()
+        if k.lower() not in HOP_BY_HOP and k.lower().replace("-", "_") != SERVE_AFFINITY_HEADER
+    ]
     cookies = "; ".join(f"{k}={v}" for k, v in request.cookies.items() if k not in GATEWAY_COOKIES)
     if cookies:  # the WebUI's own session cookies; the gateway's cookie stays here
         headers.append(("cookie", cookies))
@@ -116,6 +127,8 @@ async def predict(request: Request, service: str, path: str = "") -> Response:
     retry_safe = _retry_safe(request.method, path)
     key = conversation_key(path, body) if request.method == "POST" else None
     pinned = pinned_replica(request.cookies)
+    affinity = request.cookies.get(REPLICA_COOKIE, "")
+    browser = _browser_session(request.method, path, affinity)
     tried: set[int] = set()
     while True:
         try:
@@ -128,7 +141,9 @@ async def predict(request: Request, service: str, path: str = "") -> Response:
         replica.outstanding += 1
         replica.served += 1
         url = f"{replica.url}/{path}" + (f"?{query}" if query else "")
-        upstream_request = console.http.build_request(request.method, url, headers=headers, content=body)
+        session = affinity_cookie(replica, affinity) if browser else None
+        sent = headers + serve_affinity(replica, session, key)
+        upstream_request = console.http.build_request(request.method, url, headers=sent, content=body)
         try:
             upstream = await console.http.send(upstream_request, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -150,8 +165,8 @@ async def predict(request: Request, service: str, path: str = "") -> Response:
         )
         if from_query and token:
             response.set_cookie(COOKIE, token, path=prefix, httponly=True, samesite="lax")
-        if pinned != replica.id and _browser_session(request.method, path, pinned):
-            response.set_cookie(REPLICA_COOKIE, str(replica.id), path=prefix, httponly=True, samesite="lax")
+        if session is not None and session != affinity:
+            response.set_cookie(REPLICA_COOKIE, session, path=prefix, httponly=True, samesite="lax")
         return response
 
 
@@ -161,13 +176,26 @@ def pinned_replica(cookies: dict[str, str]) -> int | None:
     return int(value) if value.isdecimal() and len(value) <= 12 else None
 
 
-def _browser_session(method: str, path: str, pinned: int | None) -> bool:
+def _browser_session(method: str, path: str, affinity: str) -> bool:
     """The WebUI's requests (and a browser's `GET /`, which leads to it) are pinned; so is any
-    request of a session already pinned, whose replica is gone. API clients are never pinned."""
+    request of a session already pinned. API clients are never pinned."""
     path = path.strip("/")
-    return (
-        pinned is not None or path == "webui" or path.startswith("webui/") or (path == "" and method == "GET")
-    )
+    return bool(affinity) or path == "webui" or path.startswith("webui/") or (path == "" and method == "GET")
+
+
+def affinity_cookie(replica: ReplicaState, affinity: str) -> str:
+    """What the affinity cookie should hold once `replica` answers: its id; or, where Serve picks
+    the replica, the session's name (kept, or a new one)."""
+    if replica.affinity_by_header:
+        return affinity if SESSION.fullmatch(affinity) else f"s{secrets.token_hex(12)}"
+    return str(replica.id)
+
+
+def serve_affinity(replica: ReplicaState, session: str | None, key: str | None) -> list[tuple[str, str]]:
+    """The header that tells Ray Serve which requests belong together: the browser session, else
+    the conversation. None for replicas the gateway picks itself."""
+    name = session or key
+    return [(SERVE_AFFINITY_HEADER, name)] if replica.affinity_by_header and name else []
 
 
 def _give_back(replica: ReplicaState, supervisor: Supervisor, why: str) -> None:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from easllm.control.affinity import HashRing
 
@@ -27,6 +28,9 @@ POLICIES = ("prefix", "least-loaded")
 class ReplicaState:
     """One replica, in memory; `id` is its database row."""
 
+    # False: the gateway picks this replica itself. True (a Ray Serve endpoint): Serve picks among
+    # the replicas behind it, told a request's affinity name in a header.
+    affinity_by_header: ClassVar[bool] = False
     id: int
     service: str
     version: int

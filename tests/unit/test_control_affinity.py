@@ -1,5 +1,6 @@
 """Prefix-aware routing's parts: a conversation's key from its first messages, the hash ring
-(every replica once, even spread, few keys move) and the bound on load."""
+(every replica once, even spread, few keys move), the bound on load, and the session affinity
+cookie (a local replica's id, or a session name that Ray Serve routes by)."""
 
 import json
 import math
@@ -7,6 +8,15 @@ import math
 import pytest
 
 from easllm.control.affinity import KEY_BODY_LIMIT, HashRing, conversation_key
+from easllm.control.gateway import (
+    SERVE_AFFINITY_HEADER,
+    SESSION,
+    affinity_cookie,
+    pinned_replica,
+    serve_affinity,
+)
+from easllm.control.ray_services import RayEndpoint
+from easllm.control.routing import ReplicaState
 
 
 def body(value: object) -> bytes:
@@ -145,3 +155,23 @@ def test_one_hot_conversation_never_pushes_a_replica_past_the_bound() -> None:
         assert max(loads.values()) <= math.ceil(1.25 * n / 4)
     # it fills replicas up to the bound in ring order: ceil(1.25 * 40 / 4) = 13 each, so 40 need all four
     assert min(loads.values()) >= 1, loads
+
+
+def test_the_affinity_cookie_names_a_local_replica_or_a_serve_session() -> None:
+    local = ReplicaState(4, "svc", 1, 40000, "/tmp/r.log", status="ready")
+    ray = RayEndpoint(-1, "svc", 1, 8000, "", status="ready", base_url="http://127.0.0.1:8000/x")
+    assert affinity_cookie(local, "") == "4" and affinity_cookie(local, "9") == "4"
+    session = affinity_cookie(ray, "")
+    assert SESSION.fullmatch(session) and affinity_cookie(ray, session) == session
+    assert affinity_cookie(ray, "x" * 5000) != "x" * 5000, "a forged cookie is replaced"
+    assert pinned_replica({"easllm_replica": "12"}) == 12
+    assert pinned_replica({"easllm_replica": "9" * 40}) is None and pinned_replica({}) is None
+
+
+def test_serve_is_told_the_session_else_the_conversation() -> None:
+    local = ReplicaState(4, "svc", 1, 40000, "/tmp/r.log", status="ready")
+    ray = RayEndpoint(-1, "svc", 1, 8000, "", status="ready")
+    assert serve_affinity(local, "s" + "a" * 24, "k") == []
+    assert serve_affinity(ray, "s" + "a" * 24, "k") == [(SERVE_AFFINITY_HEADER, "s" + "a" * 24)]
+    assert serve_affinity(ray, None, "k") == [(SERVE_AFFINITY_HEADER, "k")]
+    assert serve_affinity(ray, None, None) == []

@@ -202,7 +202,12 @@ async def test_a_model_too_slow_to_load_fails_the_replica(tmp_path: Path) -> Non
 
 async def test_every_answer_names_its_replica(tmp_path: Path) -> None:
     inner = create_app(ServerConfig(api_only=True, data_dir=tmp_path), FakeEngine())
-    app = ReadyWhenLoaded(inner, "replica-7", 10)
+    recorded: list[str] = []
+
+    async def on_request() -> None:  # in Serve: records the affinity name as a multiplexed model
+        recorded.append("noted")
+
+    app = ReadyWhenLoaded(inner, "replica-7", 10, on_request)
     sent: list[dict] = []
 
     async def receive() -> dict:
@@ -215,6 +220,7 @@ async def test_every_answer_names_its_replica(tmp_path: Path) -> None:
     await app(scope, receive, send)
     start = sent[0]
     assert start["status"] == 200 and (REPLICA_HEADER, b"replica-7") in start["headers"]
+    assert recorded == ["noted"], "each request tells Serve its affinity name before it is served"
 
 
 def test_build_service_app_is_easllm_serve_with_the_token(tmp_path: Path) -> None:
