@@ -272,12 +272,12 @@ def test_scaling_to_two_replicas_uses_both(console: ConsoleProcess) -> None:
     assert service["replicas"] == {"wanted": 2, "ready": 2} and service["version"] == 2
     assert before[0]["pid"] in [i["pid"] for i in service["instances"]], "scaling keeps the running replica"
     served_before = {i["id"]: i["served"] for i in service["instances"]}
-    for n in range(12):
+    for n in range(16):  # 16 conversations: prefix routing hashes them over both replicas
         assert call(service["invocation"]["endpoint"], service["token"], f"n{n}").status_code == 200
     served = {
         i["id"]: i["served"] - served_before[i["id"]] for i in console.describe("llm_demo001")["instances"]
     }
-    assert sorted(served.values()) == [6, 6], served
+    assert sum(served.values()) == 16 and min(served.values()) >= 3, served
 
 
 class Load:

@@ -309,8 +309,8 @@ else:
         service = console.describe("raysvc")
         endpoint, token = service["invocation"]["endpoint"], service["token"]
         answered = set()
-        for _ in range(30):
-            r = requests.post(endpoint, data=b"who", headers={"Authorization": token}, timeout=30)
+        for n in range(30):  # 30 conversations: Serve spreads new ones over its replicas
+            r = requests.post(endpoint, data=f"who {n}", headers={"Authorization": token}, timeout=30)
             assert r.status_code == 200
             answered.add(r.headers["x-easllm-replica"])
         assert answered == replica_ids(service)
