@@ -9,9 +9,9 @@ them. Printed per policy, over rounds 2..N: the share of prompt tokens the repli
 cached (`usage.prompt_tokens_details.cached_tokens`; 0 when the engine does not report it), time
 to the first token (p50, mean; round 1 apart), and the requests each replica served.
 
-    .venv/bin/python bench/routing.py                         # gemma3-270m, 2 replicas, 8 x 6 rounds
+    .venv/bin/python bench/routing.py                 # Qwen2.5 0.5B, 2 replicas x 1 thread, 8 x 6 rounds
     .venv/bin/python bench/routing.py --conversations 2 --rounds 2 --system-words 60   # smoke run
-    .venv/bin/python bench/routing.py --model qwen2.5-0.5b-instruct --replicas 2 --threads 1
+    .venv/bin/python bench/routing.py --threads 2 --system-words 600 --policies prefix
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ def one_round(url: str, token: str, messages: list[dict], max_tokens: int) -> tu
     started = time.perf_counter()
     ttft, text, usage = None, [], {}
     with requests.post(url, json=body, headers={"Authorization": token}, stream=True, timeout=600) as r:
-        r.raise_for_status()
+        if r.status_code != 200:
+            raise SystemExit(f"round failed: {r.status_code} {r.text[:500]}")
         for line in r.iter_lines():
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 continue
@@ -204,7 +205,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="gemma3-270m")
+    parser.add_argument("--model", default="qwen2.5-0.5b-instruct", help="a model with a chat template")
     parser.add_argument("--engine", default="llamacpp")
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="threads per replica")
