@@ -17,8 +17,10 @@ import bisect
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Hashable, Iterable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
+
+Member = TypeVar("Member", bound=Hashable)  # a replica: its database id, or Serve's replica id
 
 VIRTUAL_NODES = 100  # points per replica on the ring: keys spread within a few % of even
 KEY_BODY_LIMIT = 1 << 20  # bodies larger than this are not parsed for a key (least-loaded instead)
@@ -89,21 +91,21 @@ def _completion_parts(request: Mapping[str, Any]) -> list[str]:
     return [_text(prompt)[:PROMPT_KEY_CHARS]] if prompt is not None else []
 
 
-class HashRing:
+class HashRing(Generic[Member]):
     """A consistent-hash ring of replica ids, `VIRTUAL_NODES` points each."""
 
-    def __init__(self, members: Iterable[int], virtual_nodes: int = VIRTUAL_NODES) -> None:
+    def __init__(self, members: Iterable[Member], virtual_nodes: int = VIRTUAL_NODES) -> None:
         self.members = frozenset(members)
         points = sorted((_hash(f"replica-{m}-{i}"), m) for m in self.members for i in range(virtual_nodes))
         self._hashes = [h for h, _ in points]
         self._owners = [m for _, m in points]
 
-    def walk(self, key: str) -> Iterator[int]:
+    def walk(self, key: str) -> Iterator[Member]:
         """Every member once, clockwise from the key's point on the ring."""
         if not self._owners:
             return
         start = bisect.bisect(self._hashes, _hash(key))
-        seen: set[int] = set()
+        seen: set[Member] = set()
         for i in range(len(self._owners)):
             owner = self._owners[(start + i) % len(self._owners)]
             if owner not in seen:
@@ -112,7 +114,7 @@ class HashRing:
                 if len(seen) == len(self.members):
                     return
 
-    def pick(self, key: str, loads: Mapping[int, int], load_factor: float) -> int | None:
+    def pick(self, key: str, loads: Mapping[Member, int], load_factor: float) -> Member | None:
         """The first member clockwise whose load with this request stays within
         ceil(load_factor x average load including it); `loads` holds the members to choose from."""
         if not loads:

@@ -8,10 +8,10 @@ it; it moves only when that replica no longer serves); a generation request goes
 its conversation's key hashes to, within a load bound (routing.py, affinity.py); the rest to the
 replica with the fewest requests in flight. A Ray service has one endpoint here, Serve's proxy:
 the gateway names the session or conversation in Serve's `serve_multiplexed_model_id` header and
-Serve keeps it on one of its replicas (runtimes/ray_replica.py). If a replica cannot be reached,
-the request goes to another; if one dies before answering, requests that are safe to repeat
-(generation, GETs) are retried elsewhere; a stream cut mid-way ends with an error chunk in the
-stream's own format.
+Serve's router for the service maps it onto the same ring (runtimes/ray_router.py). If a
+replica cannot be reached, the request goes to another; if one dies before answering, requests
+that are safe to repeat (generation, GETs) are retried elsewhere; a stream cut mid-way ends with
+an error chunk in the stream's own format.
 """
 
 from __future__ import annotations
@@ -194,8 +194,11 @@ def affinity_cookie(replica: ReplicaState, affinity: str) -> str:
 def serve_affinity(replica: ReplicaState, session: str | None, key: str | None) -> list[tuple[str, str]]:
     """The header that tells Ray Serve which requests belong together: the browser session, else
     the conversation. None for replicas the gateway picks itself."""
-    name = session or key
-    return [(SERVE_AFFINITY_HEADER, name)] if replica.affinity_by_header and name else []
+    if not replica.affinity_by_header:
+        return []
+    if session:
+        return [(SERVE_AFFINITY_HEADER, f"session:{session}")]
+    return [(SERVE_AFFINITY_HEADER, f"conversation:{key}")] if key else []
 
 
 def _give_back(replica: ReplicaState, supervisor: Supervisor, why: str) -> None:

@@ -168,6 +168,7 @@ class RayServices:
             self.config.data_dir(spec.name),
             self.config.startup_timeout,
             self.config.drain_timeout,
+            self.config.routing_load_factor if self.config.routing == "prefix" else None,
         )
         self._deployed_at[spec.name] = time.monotonic()
         endpoint = self.endpoints.get(spec.name)

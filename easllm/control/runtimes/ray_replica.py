@@ -4,13 +4,6 @@ A replica gets the `easllm serve` flags the local runtime would use, builds the 
 `create_app(config, engine)` in its own process, and tells Serve it is ready only once the model
 has loaded (so a rolling update never routes to a replica that would answer 503). Imported by
 Ray workers by module path: keep it importable without Ray, and free of console state.
-
-Affinity: the console's gateway names a request's conversation (or browser session) in Serve's
-`serve_multiplexed_model_id` header; each replica records the names it served as "multiplexed
-models" (`@serve.multiplexed`, a no-op loader, LRU of `AFFINITY_KEYS`), and Serve's router sends
-the next request with that name to the replica that holds it — a new name to the replica holding
-the fewest — unless that replica is full (`max_ongoing_requests`), when it falls back to its
-power-of-two-choices.
 """
 
 from __future__ import annotations
@@ -20,15 +13,12 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
 log = logging.getLogger(__name__)
 REPLICA_HEADER = b"x-easllm-replica"
-AFFINITY_KEYS = 4096  # conversation / session names each replica remembers (LRU)
 Scope = dict[str, Any]
-Hook = Callable[[], Awaitable[None]]
 
 
 def build_service_app(argv: list[str], token: str | None) -> Any:
@@ -53,11 +43,10 @@ class ReadyWhenLoaded:
     """ASGI wrapper: lifespan startup completes when the model is loaded (or fails with its error),
     and each HTTP answer names the replica that gave it (`x-easllm-replica`)."""
 
-    def __init__(self, app: Any, replica: str, load_timeout: float, on_request: Hook | None = None) -> None:
+    def __init__(self, app: Any, replica: str, load_timeout: float) -> None:
         self.app = app
         self.replica = replica.encode()
         self.load_timeout = load_timeout
-        self.on_request = on_request  # records the request's affinity name with Serve
 
     def add_exception_handler(self, *args: Any) -> None:  # Serve registers its own errors here
         self.app.add_exception_handler(*args)
@@ -65,10 +54,10 @@ class ReadyWhenLoaded:
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             await self.app(scope, receive, self._when_loaded(send))
-            return
-        if self.on_request is not None:
-            await self.on_request()
-        await self.app(scope, receive, self._named(send) if scope["type"] == "http" else send)
+        elif scope["type"] == "http":
+            await self.app(scope, receive, self._named(send))
+        else:
+            await self.app(scope, receive, send)
 
     def _when_loaded(self, send: Any) -> Any:
         async def send_when_loaded(message: dict[str, Any]) -> None:
@@ -103,22 +92,6 @@ class ReadyWhenLoaded:
         return send_named
 
 
-def serve_affinity() -> Hook:
-    """Inside a Serve replica: record the request's affinity name as a multiplexed model."""
-    from ray import serve
-
-    @serve.multiplexed(max_num_models_per_replica=AFFINITY_KEYS)
-    async def hold(name: str) -> str:
-        return name
-
-    async def record() -> None:
-        name = serve.get_multiplexed_model_id()
-        if name:
-            await hold(name)
-
-    return record
-
-
 class ServiceReplica:
     """The Serve deployment class (wrapped by `serve.ingress()` in runtimes/ray.py)."""
 
@@ -134,8 +107,7 @@ class ServiceReplica:
         print(f"easllm: replica {replica} starting: easllm serve {' '.join(self.argv)}", file=sys.stderr)
         name = re.sub(r"[^A-Za-z0-9_-]", "_", f"ray-{replica}")[:64]  # its history export files
         argv = [*self.argv, "--replica-name", name]
-        app = build_service_app(argv, self.token)
-        return ReadyWhenLoaded(app, replica, self.load_timeout, serve_affinity())
+        return ReadyWhenLoaded(build_service_app(argv, self.token), replica, self.load_timeout)
 
     async def check_health(self) -> None:
         """Serve replaces a replica whose check fails. Checks start after the model loaded, so
