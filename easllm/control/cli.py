@@ -306,8 +306,8 @@ def _new_token() -> str:
 
 
 def _wait(client: Any, name: str, version: int, timeout: float, started: float) -> int:
-    """Until `version` serves with all its replicas ready, or it (or one of its replicas) fails;
-    crashes and retries are printed as they happen."""
+    """Until `version` serves with all its replicas ready, or it fails, or each of its replicas is
+    ready or failed with some failed; crashes and retries are printed as they happen."""
     seen = None
     while time.monotonic() - started < timeout:
         service = client.describe(name)
@@ -327,8 +327,9 @@ def _wait(client: Any, name: str, version: int, timeout: float, started: float) 
             print(f"{name}: version {version} ready in {time.monotonic() - started:.1f}s")
             _print_invocation(service)
             return 0
-        failed = [r for r in service["instances"] if r["version"] == version and r["status"] == "failed"]
-        if status == "active" and failed:
+        mine = [r for r in service["instances"] if r["version"] == version]
+        failed = [r for r in mine if r["status"] == "failed"]
+        if status == "active" and failed and all(r["status"] in ("ready", "failed") for r in mine):
             ready = service["replicas"]
             print(
                 f"{name}: version {version} serves with {ready['ready']} of {ready['wanted']} replicas; "
