@@ -64,6 +64,9 @@ def test_three_replicas_on_a_fresh_home_assemble_the_model_once_and_start_cleanl
     assert "crash" not in kinds and "failed" not in kinds, service["events"]
     models = {p.name for p in (fresh_home / "models").iterdir()} - {f"{GEMMA.file_name}.lock"}
     assert models == {GEMMA.file_name, f"{GEMMA.file_name}.sha256"}, "no .partial left"
+    for r in service["instances"]:  # each replica knows its name (its history export files carry it)
+        argv = Path(f"/proc/{r['pid']}/cmdline").read_bytes().split(b"\0")
+        assert argv[argv.index(b"--replica-name") + 1] == f"replica-{r['id']}".encode()
     logs = [Path(r["log"]).read_text() for r in service["instances"]]
     assert sum("assembling" in log for log in logs) == 1, "one replica assembled the model"
     answer = call(service["invocation"]["endpoint"], service["token"], "Paris is", max_new_tokens=3)
