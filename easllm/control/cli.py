@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from easllm.config import easllm_home
+from easllm.control.progress import print_invocation, wait_for_version
 
 COMMANDS = ("console", "deploy", "list", "describe", "update", "stop", "start", "delete", "logs")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -283,9 +284,9 @@ def _deploy(client: Any, args: argparse.Namespace) -> int:
     service = client.deploy(spec)
     print(f"deploying {service['name']} (version 1) ...", flush=True)
     if args.no_wait:
-        _print_invocation(service)
+        print_invocation(service)
         return 0
-    return _wait(client, service["name"], 1, args.timeout, started)
+    return wait_for_version(client, service["name"], 1, args.timeout, started)
 
 
 def _update(client: Any, args: argparse.Namespace) -> int:
@@ -296,66 +297,13 @@ def _update(client: Any, args: argparse.Namespace) -> int:
     result = client.update(args.name, changes)
     version = result["rollout"]["version"]
     print(f"updating {args.name} to version {version} ...", flush=True)
-    return 0 if args.no_wait else _wait(client, args.name, version, args.timeout, started)
+    return 0 if args.no_wait else wait_for_version(client, args.name, version, args.timeout, started)
 
 
 def _new_token() -> str:
     import secrets
 
     return secrets.token_urlsafe(24)
-
-
-def _wait(client: Any, name: str, version: int, timeout: float, started: float) -> int:
-    """Until `version` serves with all its replicas ready, or it fails, or each of its replicas is
-    ready or failed with some failed; crashes and retries are printed as they happen."""
-    seen = None
-    while time.monotonic() - started < timeout:
-        service = client.describe(name)
-        events = service["events"]
-        seen = len(events) if seen is None else seen
-        for event in events[seen:]:
-            if event["kind"] in ("crash", "failed"):
-                print(f"  {event['kind']}: {event['message'].splitlines()[0]}", file=sys.stderr, flush=True)
-        seen = len(events)
-        status = next(v["status"] for v in service["versions"] if v["version"] == version)
-        if status == "failed" or service["status"] == "failed":
-            print(f"{name}: version {version} failed", file=sys.stderr)
-            for event in events[-5:]:
-                print(f"  {event['kind']}: {event['message']}", file=sys.stderr)
-            return 1
-        if status == "active" and service["status"] == "running":
-            print(f"{name}: version {version} ready in {time.monotonic() - started:.1f}s")
-            _print_invocation(service)
-            return 0
-        mine = [r for r in service["instances"] if r["version"] == version]
-        failed = [r for r in mine if r["status"] == "failed"]
-        if status == "active" and failed and all(r["status"] in ("ready", "failed") for r in mine):
-            ready = service["replicas"]
-            print(
-                f"{name}: version {version} serves with {ready['ready']} of {ready['wanted']} replicas; "
-                f"{len(failed)} failed:",
-                file=sys.stderr,
-            )
-            for r in failed:
-                print(f"  replica {r['id']}: {r.get('detail') or 'failed'}", file=sys.stderr)
-            return 1
-        time.sleep(0.5)
-    print(f"{name}: not ready after {timeout:.0f}s (see `easllm describe {name}`)", file=sys.stderr)
-    return 1
-
-
-def _print_invocation(service: dict[str, Any]) -> None:
-    inv = service["invocation"]
-    print("Invocation information")
-    for label, key in (
-        ("endpoint", "endpoint"),
-        ("token", "token"),
-        ("websocket", "websocket"),
-        ("openai base", "openai_base_url"),
-        ("web app", "webui"),
-    ):
-        print(f"  {label:12} {inv[key]}")
-    print(f"  {'example':12} {inv['curl']}")
 
 
 def _list(client: Any, args: argparse.Namespace) -> int:
@@ -382,7 +330,7 @@ def _describe(client: Any, args: argparse.Namespace) -> int:
     print(f"Service {s['name']}: {s['status']} (version {s['version']}, wanted {s['desired']})")
     print(f"  model        {s['model']} (engine {s['spec']['engine'] or 'by model'})")
     print(f"  replicas     {s['replicas']['wanted']} wanted, {s['replicas']['ready']} ready")
-    _print_invocation(s)
+    print_invocation(s)
     print("Replicas")
     for r in s["instances"]:
         print(
@@ -411,7 +359,9 @@ def _start(client: Any, args: argparse.Namespace) -> int:
     started = time.monotonic()
     service = client.start(args.name)
     print(f"starting {args.name} ...", flush=True)
-    return 0 if args.no_wait else _wait(client, args.name, service["version"], args.timeout, started)
+    return (
+        0 if args.no_wait else wait_for_version(client, args.name, service["version"], args.timeout, started)
+    )
 
 
 def _delete(client: Any, args: argparse.Namespace) -> int:

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from easllm.control.cli import _wait
 from easllm.control.config import ConsoleConfig
+from easllm.control.progress import wait_for_version
 from easllm.control.registry import Registry
 from easllm.control.routing import RoutingTable, ServiceRoute
 from easllm.control.runtimes.local import Launch
@@ -160,7 +160,7 @@ def test_deploy_stops_waiting_and_says_which_replica_failed(capsys: pytest.Captu
             ),
         ]
     )
-    assert _wait(client, "svc", 1, timeout=30, started=time.monotonic()) == 1
+    assert wait_for_version(client, "svc", 1, timeout=30, started=time.monotonic()) == 1
     err = capsys.readouterr().err
     assert "crash: replica 2 exited; restarting in 1s" in err
     assert (

@@ -1,0 +1,60 @@
+"""What `easllm deploy`, `update` and `start` print while a version comes up, and when it is up."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+
+def wait_for_version(client: Any, name: str, version: int, timeout: float, started: float) -> int:
+    """Until `version` serves with all its replicas ready, or it fails, or each of its replicas is
+    ready or failed with some failed; crashes and retries are printed as they happen."""
+    seen = None
+    while time.monotonic() - started < timeout:
+        service = client.describe(name)
+        events = service["events"]
+        seen = len(events) if seen is None else seen
+        for event in events[seen:]:
+            if event["kind"] in ("crash", "failed"):
+                print(f"  {event['kind']}: {event['message'].splitlines()[0]}", file=sys.stderr, flush=True)
+        seen = len(events)
+        status = next(v["status"] for v in service["versions"] if v["version"] == version)
+        if status == "failed" or service["status"] == "failed":
+            print(f"{name}: version {version} failed", file=sys.stderr)
+            for event in events[-5:]:
+                print(f"  {event['kind']}: {event['message']}", file=sys.stderr)
+            return 1
+        if status == "active" and service["status"] == "running":
+            print(f"{name}: version {version} ready in {time.monotonic() - started:.1f}s")
+            print_invocation(service)
+            return 0
+        mine = [r for r in service["instances"] if r["version"] == version]
+        failed = [r for r in mine if r["status"] == "failed"]
+        if status == "active" and failed and all(r["status"] in ("ready", "failed") for r in mine):
+            ready = service["replicas"]
+            print(
+                f"{name}: version {version} serves with {ready['ready']} of {ready['wanted']} replicas; "
+                f"{len(failed)} failed:",
+                file=sys.stderr,
+            )
+            for r in failed:
+                print(f"  replica {r['id']}: {r.get('detail') or 'failed'}", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+    print(f"{name}: not ready after {timeout:.0f}s (see `easllm describe {name}`)", file=sys.stderr)
+    return 1
+
+
+def print_invocation(service: dict[str, Any]) -> None:
+    inv = service["invocation"]
+    print("Invocation information")
+    for label, key in (
+        ("endpoint", "endpoint"),
+        ("token", "token"),
+        ("websocket", "websocket"),
+        ("openai base", "openai_base_url"),
+        ("web app", "webui"),
+    ):
+        print(f"  {label:12} {inv[key]}")
+    print(f"  {'example':12} {inv['curl']}")
