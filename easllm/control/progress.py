@@ -1,4 +1,8 @@
-"""What `easllm deploy`, `update` and `start` print while a version comes up, and when it is up."""
+"""What `easllm deploy`, `update` and `start` print while a version comes up, and when it is up.
+
+(The model-pull lines are main's `_wait`/`_pull_line` from the model-pull work, moved here with the
+wait so that the two merge as one function.)
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,13 @@ from typing import Any
 def wait_for_version(client: Any, name: str, version: int, timeout: float, started: float) -> int:
     """Until `version` serves with all its replicas ready, or it fails, or each of its replicas is
     ready or failed with some failed; crashes and retries are printed as they happen."""
-    seen = None
+    seen, shown = None, ""
     while time.monotonic() - started < timeout:
         service = client.describe(name)
+        pull = service.get("pull")
+        if pull and pull["state"] == "pulling" and (line := pull_line(pull))[:60] != shown[:60]:
+            print(f"{name}: pulling {line}", flush=True)
+            shown = line
         events = service["events"]
         seen = len(events) if seen is None else seen
         for event in events[seen:]:
@@ -58,3 +66,11 @@ def print_invocation(service: dict[str, Any]) -> None:
     ):
         print(f"  {label:12} {inv[key]}")
     print(f"  {'example':12} {inv['curl']}")
+
+
+def pull_line(pull: dict[str, Any]) -> str:
+    gib = 1 << 30
+    return (
+        f"{pull['repo_id']} from {pull['source']}: {pull['percent']}% ({pull['done_bytes'] / gib:.2f} of "
+        f"{pull['total_bytes'] / gib:.2f} GiB){' ' + pull['error'] if pull['error'] else ''}"
+    )
