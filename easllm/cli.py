@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 from pathlib import Path
 
 from easllm import __version__
@@ -21,6 +22,7 @@ from easllm.logs import LOG_FORMATS
 
 log = logging.getLogger("easllm")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+REPLICA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 EMBEDDING_MODELS = ("multilingual-e5-small", "all-minilm-l6-v2")
 
 
@@ -38,6 +40,14 @@ def _ranged(kind: type, low: float | None = None, high: float | None = None, low
         return value
 
     return parse
+
+
+def _replica_name(text: str) -> str:
+    if not REPLICA_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text[:80]!r}: use 1-64 letters, digits, _ and - (it goes into file names)"
+        )
+    return text
 
 
 def _embedding_model(text: str) -> str:
@@ -153,6 +163,13 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="service token clients send in Authorization (default: $EASLLM_TOKEN; none = open)",
     )
     s.add_argument("--service-name", default="easllm", help="name of this service (logs, history export)")
+    s.add_argument(
+        "--replica-name",
+        type=_replica_name,
+        default=None,
+        help="this process among the service's replicas: its history export files carry it "
+        "(letters, digits, _ and -, up to 64; the console sets it)",
+    )
     s.add_argument(
         "--root-path",
         default="",
@@ -304,6 +321,7 @@ def configs_from(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
         port=args.port,
         token=args.token or None,
         service_name=args.service_name,
+        replica_name=args.replica_name,
         root_path=args.root_path,
         api_only=args.api_only,
         no_api=args.no_api,

@@ -71,6 +71,7 @@ class ServerConfig:
     port: int = 8000
     token: str | None = None
     service_name: str = "easllm"
+    replica_name: str | None = None  # this process among the service's replicas (history file names)
     root_path: str = ""  # the prefix a proxy (the console's gateway) serves this service under
     api_only: bool = False
     no_api: bool = False

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from easllm.config import easllm_home
+from easllm.control.progress import print_invocation, pull_line, wait_for_version
 
 COMMANDS = ("console", "deploy", "list", "describe", "update", "stop", "start", "delete", "logs")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -50,6 +51,25 @@ def add_console_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
         "--startup-timeout", type=float, default=600.0, help="seconds for a replica to get ready"
     )
     console.add_argument("--health-interval", type=float, default=2.0, help="seconds between health checks")
+    console.add_argument(
+        "--max-failed-starts",
+        type=int,
+        default=5,
+        help="failed starts in a row (retried with back-off) before a replica is marked failed (%(default)s)",
+    )
+    console.add_argument(
+        "--routing",
+        choices=("prefix", "least-loaded"),
+        default="prefix",
+        help="how the gateway picks a replica: prefix keeps a conversation on one replica (its "
+        "prefix cache) within a load bound; least-loaded: fewest requests in flight (%(default)s)",
+    )
+    console.add_argument(
+        "--routing-load-factor",
+        type=float,
+        default=1.25,
+        help="prefix routing: no replica takes more than this x the average load (>= 1; %(default)s)",
+    )
     console.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
     console.add_argument(
         "--ray-address",
@@ -207,6 +227,12 @@ def _console(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
+    if not 1.0 <= args.routing_load_factor <= 100.0:
+        print("error (--routing-load-factor): must be between 1 and 100", file=sys.stderr)
+        return 2
+    if not 1 <= args.max_failed_starts <= 1000:
+        print("error (--max-failed-starts): must be between 1 and 1000", file=sys.stderr)
+        return 2
     state_dir: Path = args.state_dir or easllm_home()
     admin = args.admin_token or load_or_create_admin_token(state_dir)
     config = ConsoleConfig(
@@ -218,6 +244,9 @@ def _console(args: argparse.Namespace) -> int:
         public_url=args.public_url,
         keep_replicas=args.keep_replicas,
         health_interval=args.health_interval,
+        max_failed_starts=args.max_failed_starts,
+        routing=args.routing,
+        routing_load_factor=args.routing_load_factor,
         startup_timeout=args.startup_timeout,
         drain_timeout=args.drain_timeout,
         log_level=args.log_level,
@@ -255,9 +284,9 @@ def _deploy(client: Any, args: argparse.Namespace) -> int:
     service = client.deploy(spec)
     print(f"deploying {service['name']} (version 1) ...", flush=True)
     if args.no_wait:
-        _print_invocation(service)
+        print_invocation(service)
         return 0
-    return _wait(client, service["name"], 1, args.timeout, started)
+    return wait_for_version(client, service["name"], 1, args.timeout, started)
 
 
 def _update(client: Any, args: argparse.Namespace) -> int:
@@ -268,59 +297,13 @@ def _update(client: Any, args: argparse.Namespace) -> int:
     result = client.update(args.name, changes)
     version = result["rollout"]["version"]
     print(f"updating {args.name} to version {version} ...", flush=True)
-    return 0 if args.no_wait else _wait(client, args.name, version, args.timeout, started)
+    return 0 if args.no_wait else wait_for_version(client, args.name, version, args.timeout, started)
 
 
 def _new_token() -> str:
     import secrets
 
     return secrets.token_urlsafe(24)
-
-
-def _wait(client: Any, name: str, version: int, timeout: float, started: float) -> int:
-    """Until `version` serves with all its replicas ready, or fails."""
-    shown = ""
-    while time.monotonic() - started < timeout:
-        service = client.describe(name)
-        status = next(v["status"] for v in service["versions"] if v["version"] == version)
-        pull = service.get("pull")
-        if pull and pull["state"] == "pulling" and (line := _pull_line(pull))[:60] != shown[:60]:
-            print(f"{name}: pulling {line}", flush=True)
-            shown = line
-        if status == "failed" or service["status"] == "failed":
-            print(f"{name}: version {version} failed", file=sys.stderr)
-            for event in service["events"][-5:]:
-                print(f"  {event['kind']}: {event['message']}", file=sys.stderr)
-            return 1
-        if status == "active" and service["status"] == "running":
-            print(f"{name}: version {version} ready in {time.monotonic() - started:.1f}s")
-            _print_invocation(service)
-            return 0
-        time.sleep(0.5)
-    print(f"{name}: not ready after {timeout:.0f}s (see `easllm describe {name}`)", file=sys.stderr)
-    return 1
-
-
-def _pull_line(pull: dict[str, Any]) -> str:
-    gib = 1 << 30
-    return (
-        f"{pull['repo_id']} from {pull['source']}: {pull['percent']}% ({pull['done_bytes'] / gib:.2f} of "
-        f"{pull['total_bytes'] / gib:.2f} GiB){' ' + pull['error'] if pull['error'] else ''}"
-    )
-
-
-def _print_invocation(service: dict[str, Any]) -> None:
-    inv = service["invocation"]
-    print("Invocation information")
-    for label, key in (
-        ("endpoint", "endpoint"),
-        ("token", "token"),
-        ("websocket", "websocket"),
-        ("openai base", "openai_base_url"),
-        ("web app", "webui"),
-    ):
-        print(f"  {label:12} {inv[key]}")
-    print(f"  {'example':12} {inv['curl']}")
 
 
 def _list(client: Any, args: argparse.Namespace) -> int:
@@ -347,7 +330,7 @@ def _describe(client: Any, args: argparse.Namespace) -> int:
     print(f"Service {s['name']}: {s['status']} (version {s['version']}, wanted {s['desired']})")
     print(f"  model        {s['model']} (engine {s['spec']['engine'] or 'by model'})")
     print(f"  replicas     {s['replicas']['wanted']} wanted, {s['replicas']['ready']} ready")
-    _print_invocation(s)
+    print_invocation(s)
     print("Replicas")
     for r in s["instances"]:
         print(
@@ -361,7 +344,7 @@ def _describe(client: Any, args: argparse.Namespace) -> int:
             f"replica(s), {v['created_at'][:19]}"
         )
     if s.get("pull"):
-        print(f"Model pull\n  {s['pull']['state']:10} {_pull_line(s['pull'])}")
+        print(f"Model pull\n  {s['pull']['state']:10} {pull_line(s['pull'])}")
     print("Events")
     for e in s["events"][-10:]:
         print(f"  {e['at'][:19]} {e['kind']:9} {e['message'].splitlines()[0] if e['message'] else ''}")
@@ -378,7 +361,9 @@ def _start(client: Any, args: argparse.Namespace) -> int:
     started = time.monotonic()
     service = client.start(args.name)
     print(f"starting {args.name} ...", flush=True)
-    return 0 if args.no_wait else _wait(client, args.name, service["version"], args.timeout, started)
+    return (
+        0 if args.no_wait else wait_for_version(client, args.name, service["version"], args.timeout, started)
+    )
 
 
 def _delete(client: Any, args: argparse.Namespace) -> int:

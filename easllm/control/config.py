@@ -25,6 +25,10 @@ class ConsoleConfig:
     startup_timeout: float = 600.0  # a replica not ready by then is restarted
     drain_timeout: float = 120.0  # longest wait for in-flight requests before stopping a replica
     max_failed_starts: int = 5  # starts in a row that die before ready: the replica is marked failed
+    routing: str = (
+        "prefix"  # prefix: a conversation's requests go to one replica (bounded load); least-loaded
+    )
+    routing_load_factor: float = 1.25  # prefix routing: no replica above this x the average load
     log_level: str = "INFO"
     ray_address: str | None = None  # the Ray cluster for `"runtime": "ray"` services; `local`: a private one
     ray_serve_port: int = 8000  # where Ray Serve's HTTP proxy listens (loopback of the head node)

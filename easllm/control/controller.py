@@ -48,7 +48,7 @@ class Controller:
         self.config = config
         self.registry = registry
         self.runtime = runtime or LocalRuntime()
-        self.routing = routing or RoutingTable()
+        self.routing = routing or RoutingTable(config.routing, config.routing_load_factor)
         self.supervisor = Supervisor(config, registry, self.runtime, self.routing)
         self.ray = RayServices(config, registry, self.routing, self.supervisor.spec, self.supervisor.busy)
         self.machine = machine

@@ -3,10 +3,15 @@
 HTTP is passed through byte for byte as the replica sends it (NUL-delimited and SSE streams are
 never buffered); WebSocket messages are relayed both ways. The service token is checked here
 (`Authorization`, `?token=`, or the cookie a `?token=` sets for the WebUI) and replaced by the
-replica's own. A request goes to the replica with the fewest requests in flight. If a replica
-cannot be reached, the request goes to another; if one dies before answering, requests that are
-safe to repeat (generation, GETs) are retried elsewhere; a stream cut mid-way ends with an error
-chunk in the stream's own format.
+replica's own. A browser's WebUI session stays on one replica (the `easllm_replica` cookie names
+it; it moves only when that replica no longer serves); a generation request goes to the replica
+its conversation's key hashes to, within a load bound (routing.py, affinity.py); the rest to the
+replica with the fewest requests in flight. A Ray service has one endpoint here, Serve's proxy:
+the gateway names the session or conversation in Serve's `serve_multiplexed_model_id` header and
+Serve's router for the service maps it onto the same ring (runtimes/ray_router.py). If a
+replica cannot be reached, the request goes to another; if one dies before answering, requests
+that are safe to repeat (generation, GETs) are retried elsewhere; a stream cut mid-way ends with
+an error chunk in the stream's own format.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import secrets
 from collections.abc import AsyncIterator
 from urllib.parse import urlencode
 
@@ -24,6 +31,7 @@ from starlette.websockets import WebSocketDisconnect
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from easllm.control.affinity import conversation_key
 from easllm.control.routing import NoReplica, ReplicaState, RoutingTable, ServiceRoute
 from easllm.control.runtimes.local import gateway_prefix
 from easllm.control.supervisor import Supervisor
@@ -33,6 +41,10 @@ from easllm.server.errors import error_body, error_response
 log = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
 COOKIE = "easllm_token"
+REPLICA_COOKIE = "easllm_replica"  # session affinity: the id of the replica a browser stays on
+GATEWAY_COOKIES = {COOKIE, REPLICA_COOKIE}  # never passed on to replicas
+SERVE_AFFINITY_HEADER = "serve_multiplexed_model_id"  # Ray Serve routes equal values to one replica
+SESSION = re.compile(r"s[0-9a-f]{24}")  # a browser session's name, for services Serve routes
 HOP_BY_HOP = {
     "connection",
     "keep-alive",
@@ -95,8 +107,12 @@ async def predict(request: Request, service: str, path: str = "") -> Response:
     if not token_matches(token, route.token):
         return error_response(401, f"missing or wrong token for service {service}")
     body = await request.body()
-    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
-    cookies = "; ".join(f"{k}={v}" for k, v in request.cookies.items() if k != COOKIE)
+    headers = [
+        (k, v)
+        for k, v in request.headers.items()
+        if k.lower() not in HOP_BY_HOP and k.lower().replace("-", "_") != SERVE_AFFINITY_HEADER
+    ]
+    cookies = "; ".join(f"{k}={v}" for k, v in request.cookies.items() if k not in GATEWAY_COOKIES)
     if cookies:  # the WebUI's own session cookies; the gateway's cookie stays here
         headers.append(("cookie", cookies))
     prefix = gateway_prefix(service)
@@ -109,10 +125,14 @@ async def predict(request: Request, service: str, path: str = "") -> Response:
     ]
     query = request.url.query
     retry_safe = _retry_safe(request.method, path)
+    key = conversation_key(path, body) if request.method == "POST" else None
+    pinned = pinned_replica(request.cookies)
+    affinity = request.cookies.get(REPLICA_COOKIE, "")
+    browser = _browser_session(request.method, path, affinity)
     tried: set[int] = set()
     while True:
         try:
-            replica = routing.pick(service, tried)
+            replica = routing.pick(service, tried, key, pinned)
         except NoReplica as exc:
             if tried:
                 return error_response(502, f"service {service}: no replica could answer ({len(tried)} tried)")
@@ -121,7 +141,9 @@ async def predict(request: Request, service: str, path: str = "") -> Response:
         replica.outstanding += 1
         replica.served += 1
         url = f"{replica.url}/{path}" + (f"?{query}" if query else "")
-        upstream_request = console.http.build_request(request.method, url, headers=headers, content=body)
+        session = affinity_cookie(replica, affinity) if browser else None
+        sent = headers + serve_affinity(replica, session, key)
+        upstream_request = console.http.build_request(request.method, url, headers=sent, content=body)
         try:
             upstream = await console.http.send(upstream_request, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -143,7 +165,40 @@ async def predict(request: Request, service: str, path: str = "") -> Response:
         )
         if from_query and token:
             response.set_cookie(COOKIE, token, path=prefix, httponly=True, samesite="lax")
+        if session is not None and session != affinity:
+            response.set_cookie(REPLICA_COOKIE, session, path=prefix, httponly=True, samesite="lax")
         return response
+
+
+def pinned_replica(cookies: dict[str, str]) -> int | None:
+    """The replica id the affinity cookie names (None when absent or not a plain number)."""
+    value = cookies.get(REPLICA_COOKIE, "")
+    return int(value) if value.isdecimal() and len(value) <= 12 else None
+
+
+def _browser_session(method: str, path: str, affinity: str) -> bool:
+    """The WebUI's requests (and a browser's `GET /`, which leads to it) are pinned; so is any
+    request of a session already pinned. API clients are never pinned."""
+    path = path.strip("/")
+    return bool(affinity) or path == "webui" or path.startswith("webui/") or (path == "" and method == "GET")
+
+
+def affinity_cookie(replica: ReplicaState, affinity: str) -> str:
+    """What the affinity cookie should hold once `replica` answers: its id; or, where Serve picks
+    the replica, the session's name (kept, or a new one)."""
+    if replica.affinity_by_header:
+        return affinity if SESSION.fullmatch(affinity) else f"s{secrets.token_hex(12)}"
+    return str(replica.id)
+
+
+def serve_affinity(replica: ReplicaState, session: str | None, key: str | None) -> list[tuple[str, str]]:
+    """The header that tells Ray Serve which requests belong together: the browser session, else
+    the conversation. None for replicas the gateway picks itself."""
+    if not replica.affinity_by_header:
+        return []
+    if session:
+        return [(SERVE_AFFINITY_HEADER, f"session:{session}")]
+    return [(SERVE_AFFINITY_HEADER, f"conversation:{key}")] if key else []
 
 
 def _give_back(replica: ReplicaState, supervisor: Supervisor, why: str) -> None:
@@ -185,7 +240,9 @@ async def predict_socket(websocket: WebSocket, service: str, path: str = "") -> 
     if not token_matches(token, route.token):
         await _deny(websocket, 401, f"missing or wrong token for service {service}")
         return
-    upstream, replica = await _connect_upstream(websocket, route, routing, console.supervisor, path)
+    upstream, replica = await _connect_upstream(
+        websocket, route, routing, console.supervisor, path, pinned_replica(websocket.cookies)
+    )
     if upstream is None or replica is None:
         return
     try:
@@ -197,7 +254,12 @@ async def predict_socket(websocket: WebSocket, service: str, path: str = "") -> 
 
 
 async def _connect_upstream(
-    websocket: WebSocket, route: ServiceRoute, routing: RoutingTable, supervisor: Supervisor, path: str
+    websocket: WebSocket,
+    route: ServiceRoute,
+    routing: RoutingTable,
+    supervisor: Supervisor,
+    path: str,
+    pinned: int | None = None,
 ) -> tuple[ClientConnection | None, ReplicaState | None]:
     query = urlencode([(k, v) for k, v in websocket.query_params.multi_items() if k != "token"])
     protocols = [
@@ -206,7 +268,7 @@ async def _connect_upstream(
     tried: set[int] = set()
     while True:
         try:
-            replica = routing.pick(route.name, tried)
+            replica = routing.pick(route.name, tried, pinned=pinned)
         except NoReplica as exc:
             await _deny(websocket, 502 if tried else 503, str(exc))
             return None, None

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from easllm.control.config import ConsoleConfig
@@ -40,6 +40,7 @@ Switch = Callable[[str, int, int, ServiceSpec], None]
 class RayEndpoint(ReplicaState):
     """Where the gateway sends a Ray service's requests: Serve's proxy, under the service prefix."""
 
+    affinity_by_header: ClassVar[bool] = True  # Serve routes by `serve_multiplexed_model_id`
     base_url: str = ""
 
     @property
@@ -167,6 +168,7 @@ class RayServices:
             self.config.data_dir(spec.name),
             self.config.startup_timeout,
             self.config.drain_timeout,
+            self.config.routing_load_factor if self.config.routing == "prefix" else None,
         )
         self._deployed_at[spec.name] = time.monotonic()
         endpoint = self.endpoints.get(spec.name)

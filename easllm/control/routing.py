@@ -2,6 +2,11 @@
 
 Everything here runs on the console's event loop, so picking a replica and counting the request
 against it happen in one step: a replica chosen is never stopped before it is drained.
+
+How a replica is picked, first that applies: the replica a browser session is pinned to (its
+affinity cookie) while it serves; with the `prefix` policy, the replica the conversation's key
+hashes to on the ring, unless that would load it beyond `load_factor` x the average
+(affinity.py); else the replica with the fewest requests in flight (ties: round-robin).
 """
 
 from __future__ import annotations
@@ -12,12 +17,20 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import ClassVar
+
+from easllm.control.affinity import HashRing
+
+POLICIES = ("prefix", "least-loaded")
 
 
 @dataclass(eq=False)
 class ReplicaState:
     """One replica, in memory; `id` is its database row."""
 
+    # False: the gateway picks this replica itself. True (a Ray Serve endpoint): Serve picks among
+    # the replicas behind it, told a request's affinity name in a header.
+    affinity_by_header: ClassVar[bool] = False
     id: int
     service: str
     version: int
@@ -67,9 +80,16 @@ class NoReplica(LookupError):
 
 
 class RoutingTable:
-    def __init__(self) -> None:
+    def __init__(self, policy: str = "prefix", load_factor: float = 1.25) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"routing policy must be one of {', '.join(POLICIES)}")
+        if load_factor < 1.0:
+            raise ValueError("the routing load factor must be at least 1.0")
+        self.policy = policy
+        self.load_factor = load_factor
         self.routes: dict[str, ServiceRoute] = {}
         self._turn = itertools.count()
+        self._rings: dict[frozenset[int], HashRing] = {}
 
     def route(self, name: str) -> ServiceRoute | None:
         return self.routes.get(name)
@@ -80,14 +100,44 @@ class RoutingTable:
     def remove(self, name: str) -> None:
         self.routes.pop(name, None)
 
-    def pick(self, name: str, exclude: set[int] | frozenset[int] = frozenset()) -> ReplicaState:
-        """The serving replica with the fewest requests in flight (ties: round-robin)."""
+    def pick(
+        self,
+        name: str,
+        exclude: set[int] | frozenset[int] = frozenset(),
+        key: str | None = None,
+        pinned: int | None = None,
+    ) -> ReplicaState:
+        """The replica for a request: the `pinned` one while it serves, else by `key` on the ring
+        (prefix policy, bounded load), else the one with the fewest requests in flight."""
         route = self.routes[name]
         if not route.accepting:
             raise NoReplica(route.closed_reason or f"service {name} is stopped")
         candidates = [r for r in route.serving() if r.id not in exclude]
         if not candidates:
             raise NoReplica(f"service {name} has no ready replica yet; retry shortly")
+        if pinned is not None:
+            for r in candidates:
+                if r.id == pinned:
+                    return r
+        if key is not None and self.policy == "prefix" and len(candidates) > 1:
+            chosen = self._ring(candidates).pick(
+                key, {r.id: r.outstanding for r in candidates}, self.load_factor
+            )
+            for r in candidates:
+                if r.id == chosen:
+                    return r
+        return self._least_loaded(candidates)
+
+    def _ring(self, candidates: list[ReplicaState]) -> HashRing:
+        members = frozenset(r.id for r in candidates)
+        ring = self._rings.get(members)
+        if ring is None:
+            if len(self._rings) > 64:  # replica sets come and go with updates: keep a few
+                self._rings.clear()
+            ring = self._rings[members] = HashRing(members)
+        return ring
+
+    def _least_loaded(self, candidates: list[ReplicaState]) -> ReplicaState:
         least = min(r.outstanding for r in candidates)
         tied = [r for r in candidates if r.outstanding == least]
         return tied[next(self._turn) % len(tied)]

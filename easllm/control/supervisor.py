@@ -1,9 +1,12 @@
 """Keeps replicas alive: health checks, restarts with back-off, and the status of each service.
 
 One loop on the console's event loop. A replica that dies is restarted after 1, 2, 4 ... 30 s
-(the streak resets after 30 s of health); one that dies `max_failed_starts` times in a row before
-ever answering /health — or exits with status 2, `easllm serve`'s "bad configuration" — is marked
-failed with the end of its log, instead of crash-looping.
+(the streak resets after 30 s of health). A start that fails — the process exits before it is
+ready (status 2 is `easllm serve`'s "bad configuration", e.g. a model that failed its check), or
+/health reports that the model failed to load — is retried the same way; after `max_failed_starts`
+failed starts in a row the replica is marked failed with the end of its log, instead of
+crash-looping. One failed replica never fails a service whose other replicas are ready: the
+service is then `degraded`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ log = logging.getLogger(__name__)
 TICK = 0.25  # seconds between loop turns; starting replicas are checked every turn
 DOWN_GRACE = 10.0  # a ready replica whose /health fails this long is restarted
 HEALTHY_RESETS_STREAK = 30.0
-CONFIG_ERROR_EXIT = 2
 
 
 def log_tail(path: str | Path, lines: int = 12) -> str:
@@ -110,7 +112,12 @@ class Supervisor:
             route.replicas.append(replica)
 
     def _start_process(self, replica: ReplicaState, spec: ServiceSpec) -> None:
-        launch = self.runtime.start(spec, Path(replica.log_path), self.config.data_dir(replica.service))
+        launch = self.runtime.start(
+            spec,
+            Path(replica.log_path),
+            self.config.data_dir(replica.service),
+            replica_name=f"replica-{replica.id}",
+        )
         replica.pid, replica.pid_started, replica.port = launch.pid, launch.pid_started, launch.port
         replica.status, replica.restart_at, replica.ready_since, replica.down_since = (
             "starting",
@@ -206,7 +213,7 @@ class Supervisor:
                 self._streak[r.id] = 0
         elif state == "failed":
             await self.runtime.stop(r.pid, r.pid_started, grace=2)
-            self._died(r, CONFIG_ERROR_EXIT, f"the model failed to load: {detail}")
+            self._died(r, None, f"the model failed to load: {detail}")
         elif r.status == "ready" or r.status == "unhealthy":
             r.down_since = r.down_since or now
             self._set_status(r, "unhealthy")
@@ -238,7 +245,7 @@ class Supervisor:
         streak = self._streak.get(r.id, 0) + 1
         self._streak[r.id] = streak
         tail = log_tail(r.log_path)
-        if (code == CONFIG_ERROR_EXIT and not was_ready) or r.failed_starts >= self.config.max_failed_starts:
+        if r.failed_starts >= self.config.max_failed_starts:
             r.detail = f"{why}; gave up after {r.failed_starts} failed start(s)\n{tail}"
             self._set_status(r, "failed", exit_code=code)
             self.registry.add_event(r.service, "failed", f"replica {r.id} {r.detail}")

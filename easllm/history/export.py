@@ -5,14 +5,18 @@ clock hour; the first period starts when the server does. A round is appended to
 write-ahead log (wal.py, in a local directory) the moment it finishes. When the period ends,
 its log is sealed and a worker thread copies it to
 
-    DIR/history-<start>-<end>.jsonl        (UTC, e.g. history-20250131T120000Z-20250131T130000Z.jsonl)
+    DIR/history-<start>-<end>[-<replica>].jsonl
+        (UTC, e.g. history-20250131T120000Z-20250131T130000Z-replica-3.jsonl)
 
 through a temporary file, fsync and a rename that never overwrites; only then is the log
 deleted. A crash between the two exports the log again on the next start, and an identical
 file already there counts as done, so no round appears twice. Periods without rounds make no
-file. A disk that is full, read-only or gone is logged at ERROR and retried with back-off:
-records wait in the log (or, when the log itself cannot be written, in memory) and serving
-goes on.
+file. Each replica of a service (`--replica-name`, which the console sets) writes its own
+files, named after it: replicas share the log directory, and a log that a stopped or killed
+replica left is exported by the next one to start, still under its writer's name, so after a
+rolling update every round is in the export once. A disk that is full, read-only or gone is
+logged at ERROR and retried with back-off: records wait in the log (or, when the log itself
+cannot be written, in memory) and serving goes on.
 """
 
 from __future__ import annotations
@@ -40,11 +44,12 @@ RETRY_MAX = 60.0
 STALE_TEMP = 600.0  # seconds after which a leftover temporary file is another crash's litter
 
 
-def period_name(start: float, end: float) -> str:
+def period_name(start: float, end: float, writer: str = "") -> str:
     def stamp(t: float) -> str:
         return datetime.fromtimestamp(t, UTC).strftime("%Y%m%dT%H%M%SZ")
 
-    return f"history-{stamp(math.floor(start))}-{stamp(math.ceil(end))}.jsonl"
+    suffix = f"-{writer}" if writer else ""
+    return f"history-{stamp(math.floor(start))}-{stamp(math.ceil(end))}{suffix}.jsonl"
 
 
 @dataclass
@@ -55,6 +60,7 @@ class _Pending:
     end: float
     paths: list[Path] = field(default_factory=list)
     backlog: list[bytes] = field(default_factory=list)
+    writer: str = ""  # the replica that recorded these rounds
 
 
 @dataclass
@@ -75,9 +81,11 @@ class HistoryExporter:
         wal_dir: Path,
         interval: float,
         clock: Callable[[], float] = time.time,
+        replica: str = "",
     ) -> None:
         if interval <= 0:
             raise ValueError("the export interval must be positive")
+        self.replica = replica
         self.export_dir = export_dir
         self.wal_dir = wal_dir
         self.interval = interval
@@ -164,7 +172,7 @@ class HistoryExporter:
 
     def _try_open_wal(self) -> None:
         try:
-            self._wal = WalFile(self.wal_dir, self._start)
+            self._wal = WalFile(self.wal_dir, self._start, self.replica)
         except OSError as exc:
             self._wal = None
             self._wal_failed(exc)
@@ -173,7 +181,7 @@ class HistoryExporter:
         """End the open period at its boundary, or now when closing early."""
         if self._start == 0.0:
             return
-        item = _Pending(self._start, min(now, self._end), backlog=self._backlog)
+        item = _Pending(self._start, min(now, self._end), backlog=self._backlog, writer=self.replica)
         logs = [*self._broken, *([self._wal] if self._wal is not None else [])]
         self._start, self._wal, self._broken, self._backlog = 0.0, None, [], []
         for wal in logs:
@@ -226,7 +234,11 @@ class HistoryExporter:
 
     def _run(self) -> None:
         known = {p for item in self._pending for p in item.paths}
-        left = [_Pending(s.start, s.end, [s.path]) for s in recover(self.wal_dir) if s.path not in known]
+        left = [
+            _Pending(s.start, s.end, [s.path], writer=s.writer)
+            for s in recover(self.wal_dir)
+            if s.path not in known
+        ]
         if left:
             log.info("history export: %d period(s) left by an earlier run are exported first", len(left))
         self._pending[:0] = left
@@ -276,7 +288,7 @@ class HistoryExporter:
     def _export(self, item: _Pending) -> None:
         parts = [(p, complete_length(p)) for p in item.paths if p.exists()]
         if any(length for _, length in parts) or item.backlog:
-            name = period_name(item.start, item.end)
+            name = period_name(item.start, item.end, item.writer)
             self.export_dir.mkdir(parents=True, exist_ok=True)
             temp = self.export_dir / f".{name}.{_HOST}.{os.getpid()}.tmp"
             try:

@@ -6,6 +6,9 @@ One file per period and process, in a local directory:
     open-<start_ms>-<owner>.jsonl            being written; its writer holds an flock on it
     sealed-<start_ms>-<end_ms>-<owner>.jsonl the period is over; waiting to be exported
 
+`<owner>` is `[<replica>-]<pid>-<random>`: replicas of one service share the directory, and the
+replica that wrote a log stays known (`writer_of`) to whichever replica exports it.
+
 Each record is one `os.write` of one newline-terminated line (no user-space buffer: once
 `append` returns, the line is in the kernel and survives the process). A line without its
 newline is a torn write and is never exported. An `open-` file nobody holds a lock on belongs
@@ -39,14 +42,25 @@ class SealedLog:
     end: float
     path: Path
 
+    @property
+    def writer(self) -> str:
+        m = SEALED.fullmatch(self.path.name)
+        return writer_of(m[3]) if m else ""
+
+
+def writer_of(owner: str) -> str:
+    """The replica name in a log's owner (`<replica>-<pid>-<random>`); "" for `<pid>-<random>`."""
+    parts = owner.rsplit("-", 2)
+    return parts[0] if len(parts) == 3 else ""
+
 
 class WalFile:
     """The open log of the current period; owned (flock) by this process."""
 
-    def __init__(self, directory: Path, start: float) -> None:
+    def __init__(self, directory: Path, start: float, writer: str = "") -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.start = start
-        self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.owner = f"{writer + '-' if writer else ''}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.path = directory / f"open-{_ms(start)}-{self.owner}.jsonl"
         self.size = 0
         self.records = 0

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from easllm.errors import ChecksumMismatch, ModelNotFound
+from easllm.models.lock import model_lock
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -117,21 +118,33 @@ def bundled_model(name: str) -> BundledModel | None:
 
 
 def ensure_bundled(model: BundledModel, home: Path, progress: Progress = log.info) -> Path:
-    """The verified GGUF file of a bundled model, assembling it on first use."""
+    """The verified GGUF file of a bundled model, assembling it on first use (once per machine:
+    concurrent callers wait on the model's lock, then find it verified)."""
     models_dir = home / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
     target = models_dir / model.file_name
-    sidecar = target.with_name(target.name + ".sha256")
-    if target.exists() and sidecar.exists() and sidecar.read_text().strip() == model.sha256:
+    if _verified(target, model):
         return target
+    with model_lock(target, progress):
+        if _verified(target, model):  # another process assembled it while we waited
+            return target
+        _assemble(model, target, progress)
+    return target
+
+
+def _verified(target: Path, model: BundledModel) -> bool:
+    sidecar = target.with_name(target.name + ".sha256")
+    return target.exists() and sidecar.exists() and sidecar.read_text().strip() == model.sha256
+
+
+def _assemble(model: BundledModel, target: Path, progress: Progress) -> None:
     tmp = target.with_name(target.name + ".partial")
-    if shutil.disk_usage(models_dir).free < 600 << 20:
-        progress(f"warning: little free disk space in {models_dir}")
+    if shutil.disk_usage(target.parent).free < 600 << 20:
+        progress(f"warning: little free disk space in {target.parent}")
     try:
         model.assemble(tmp, progress)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    sidecar.write_text(model.sha256 + "\n")
+    target.with_name(target.name + ".sha256").write_text(model.sha256 + "\n")
     progress(f"{model.name}: verified {target}")
-    return target

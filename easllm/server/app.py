@@ -96,7 +96,9 @@ def _history_exporter(config: ServerConfig) -> HistoryExporter | None:
     if config.export_history_path is None:
         return None
     wal = config.service_data_dir / "history"
-    return HistoryExporter(config.export_history_path, wal, config.export_interval)
+    return HistoryExporter(
+        config.export_history_path, wal, config.export_interval, replica=config.replica_name or ""
+    )
 
 
 async def _load(app: FastAPI, engine: Engine) -> None:

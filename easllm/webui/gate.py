@@ -5,15 +5,23 @@ streams) and embeds its API description in the login page. This gate wraps the m
 app and answers 401 to everything but the login page's shell (the HTML, its scripts, styles and
 fonts, and the login call itself) until the browser holds a session cookie that Gradio issued
 after a correct token. Fails closed: if Gradio's session store cannot be read, nobody passes.
+
+A request that carries the service token in `Authorization` — as the console's gateway sends
+every request it has checked (its `?token=` login) — is logged in already: the gate hands Gradio
+a session of its own for it, so the browser is not asked a second time, and any replica behind
+the gateway accepts the browser's next request.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 
 from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from easllm.server.auth import token_matches
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +45,19 @@ OPEN_EXACT = frozenset(
 OPEN_PREFIXES = ("/assets/", "/static/", "/svelte/")
 
 
+GATEWAY_USER = "gateway"
+
+
 class WebUIGate:
-    def __init__(self, app: ASGIApp, gradio_app: object) -> None:
+    def __init__(self, app: ASGIApp, gradio_app: object, token: str = "") -> None:
         self.app = app
         self.gradio_app = gradio_app
+        self.token = token
+        self._header_session = secrets.token_urlsafe(32)  # Gradio's session for token-bearing requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and self._bears_token(scope):
+            scope = self._with_session(scope)
         if scope["type"] not in ("http", "websocket") or self._allowed(scope):
             await self.app(scope, receive, send)
             return
@@ -70,6 +85,27 @@ class WebUIGate:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+    def _bears_token(self, scope: Scope) -> bool:
+        if not self.token:
+            return False
+        auth = next((v for k, v in scope.get("headers", []) if k == b"authorization"), None)
+        return auth is not None and token_matches(auth.decode("latin-1"), self.token)
+
+    def _with_session(self, scope: Scope) -> Scope:
+        """The scope with Gradio's session cookie added (merged into the one Cookie header, the
+        only one Starlette reads)."""
+        tokens = getattr(self.gradio_app, "tokens", None)
+        cookie_id = getattr(self.gradio_app, "cookie_id", None)
+        if not isinstance(tokens, dict) or not cookie_id:
+            return scope
+        tokens[self._header_session] = GATEWAY_USER
+        session = self._header_session
+        ours = f"access-token-{cookie_id}={session}; access-token-unsecure-{cookie_id}={session}"
+        headers = [(k, v) for k, v in scope.get("headers", []) if k != b"cookie"]
+        theirs = "; ".join(v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"cookie")
+        headers.append((b"cookie", (f"{theirs}; {ours}" if theirs else ours).encode("latin-1")))
+        return {**scope, "headers": headers}
 
     def _allowed(self, scope: Scope) -> bool:
         path = route_path(scope)

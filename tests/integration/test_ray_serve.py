@@ -309,11 +309,20 @@ else:
         service = console.describe("raysvc")
         endpoint, token = service["invocation"]["endpoint"], service["token"]
         answered = set()
-        for _ in range(30):
-            r = requests.post(endpoint, data=b"who", headers={"Authorization": token}, timeout=30)
+        for n in range(30):  # 30 conversations: Serve spreads new ones over its replicas
+            r = requests.post(endpoint, data=f"who {n}", headers={"Authorization": token}, timeout=30)
             assert r.status_code == 200
             answered.add(r.headers["x-easllm-replica"])
         assert answered == replica_ids(service)
+        # one conversation stays on one replica: the gateway names it in serve_multiplexed_model_id,
+        # easllm's Serve router maps the name onto its hash ring
+        same = set()
+        for _ in range(10):
+            r = requests.post(
+                endpoint, data=b"one conversation", headers={"Authorization": token}, timeout=30
+            )
+            same.add(r.headers["x-easllm-replica"])
+        assert len(same) == 1, same
 
     def test_scale_down_to_one_in_place(console: Console) -> None:
         before = replica_ids(console.describe("raysvc"))

@@ -77,3 +77,28 @@ def test_the_admin_token_file_is_created_once_and_private(tmp_path: Path) -> Non
     assert len(token) >= 24 and path.stat().st_mode & 0o777 == 0o600
     assert load_or_create_admin_token(tmp_path) == token
     assert json.dumps(token)  # printable
+
+
+def test_routing_and_failed_start_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    args = parse(
+        "console", "--routing", "least-loaded", "--routing-load-factor", "2", "--max-failed-starts", "3"
+    )
+    assert (args.routing, args.routing_load_factor, args.max_failed_starts) == ("least-loaded", 2.0, 3)
+    defaults = parse("console")
+    assert (defaults.routing, defaults.routing_load_factor, defaults.max_failed_starts) == ("prefix", 1.25, 5)
+    with pytest.raises(SystemExit):
+        parse("console", "--routing", "random")
+    for flag, value in (("--routing-load-factor", "0.5"), ("--routing-load-factor", "1000"),
+                        ("--max-failed-starts", "0")):  # fmt: skip
+        assert main(["console", flag, value]) == 2
+        assert f"error ({flag})" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["", "a b", "../x", "r" * 65, "replica;rm"])
+def test_a_replica_name_goes_into_file_names_so_it_is_checked(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse("serve", "--replica-name", name)
+    assert info.value.code == 2 and "letters, digits, _ and -" in capsys.readouterr().err
+    assert parse("serve", "--replica-name", "replica-12").replica_name == "replica-12"

@@ -61,3 +61,37 @@ async def test_drained_waits_for_in_flight_requests() -> None:
     assert not await routing.drained([a], timeout=0.05)
     assert await routing.drained([a], timeout=2)
     await task
+
+
+def test_a_pinned_session_stays_on_its_replica_until_it_stops_serving() -> None:
+    routing, (a, b) = table("ready", "ready")
+    with routing.lease(b), routing.lease(b):
+        assert routing.pick("svc", pinned=b.id) is b, "affinity beats load"
+    b.draining = True
+    assert routing.pick("svc", pinned=b.id) is a
+    assert routing.pick("svc", pinned=999) is a, "an unknown replica id is ignored"
+
+
+def test_prefix_policy_keeps_a_conversation_on_one_replica() -> None:
+    routing, replicas = table("ready", "ready", "ready")
+    homes = {f"conversation-{i}": routing.pick("svc", key=f"conversation-{i}").id for i in range(30)}
+    for _ in range(3):
+        assert all(routing.pick("svc", key=k).id == home for k, home in homes.items())
+    assert len(set(homes.values())) == 3, "conversations spread over the replicas"
+    home = next(r for r in replicas if r.id == homes["conversation-0"])
+    with routing.lease(home), routing.lease(home), routing.lease(home):
+        assert routing.pick("svc", key="conversation-0") is not home, "beyond the load bound it moves"
+    assert routing.pick("svc", key="conversation-0", exclude={home.id}) is not home
+
+
+def test_least_loaded_policy_ignores_the_key() -> None:
+    routing = RoutingTable(policy="least-loaded")
+    replicas = [ReplicaState(i, "svc", 1, 40000 + i, "/tmp/r.log", status="ready") for i in (1, 2)]
+    routing.add(ServiceRoute("svc", "t", 1, replicas=replicas))
+    assert sorted(routing.pick("svc", key="same").id for _ in range(4)) == [1, 1, 2, 2]
+
+
+@pytest.mark.parametrize(("policy", "factor"), [("random", 1.25), ("prefix", 0.5)])
+def test_bad_routing_settings_are_refused(policy: str, factor: float) -> None:
+    with pytest.raises(ValueError, match="routing"):
+        RoutingTable(policy, factor)

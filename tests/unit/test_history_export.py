@@ -304,3 +304,39 @@ def test_stale_temporary_files_are_removed_at_start(dirs: tuple[Path, Path]) -> 
     h.close()
     assert not stale.exists() and fresh.exists()
     shutil.rmtree(dirs[0])
+
+
+def test_replicas_sharing_a_service_export_their_own_files_and_every_round_once(
+    dirs: tuple[Path, Path],
+) -> None:
+    """Two replicas record the same period; one is killed, the other stopped (a rolling update);
+    the new replica exports what the killed one left, under the killed one's name."""
+    clock = Clock(T0 + 10)
+    old_a = HistoryExporter(dirs[0], dirs[1], 60.0, clock=clock, replica="replica-1")
+    old_b = HistoryExporter(dirs[0], dirs[1], 60.0, clock=clock, replica="replica-2")
+    for n in range(1, 7):
+        (old_a if n % 2 else old_b).record(line(n))
+    assert old_a._wal is not None
+    old_a._wal.close()  # replica 1 is killed: its log stays, unlocked
+    os.utime(old_a._wal.path, (T0 + 15, T0 + 15))  # its last write
+    clock.now = T0 + 20
+    assert old_b.close()  # replica 2 is stopped: it exports its own rounds
+    new = HistoryExporter(dirs[0], dirs[1], 60.0, clock=Clock(T0 + 30), replica="replica-3")
+    new.start()
+    new.record(line(7))
+    assert new.close()
+    files = exported(dirs[0])
+    assert files == {
+        "history-20260101T000010Z-20260101T000015Z-replica-1.jsonl": [1, 3, 5],
+        "history-20260101T000010Z-20260101T000020Z-replica-2.jsonl": [2, 4, 6],
+        "history-20260101T000030Z-20260101T000030Z-replica-3.jsonl": [7],
+    }
+    assert sorted(n for ns in files.values() for n in ns) == list(range(1, 8))
+    assert list(dirs[1].iterdir()) == []
+
+
+def test_the_replica_name_is_in_the_log_and_the_export_name() -> None:
+    assert period_name(T0, T0 + 60, "replica-7").endswith("Z-replica-7.jsonl")
+    assert wal_module.writer_of("replica-7-1234-abcdef12") == "replica-7"
+    assert wal_module.writer_of("ray-a_b-9-abcdef12") == "ray-a_b"
+    assert wal_module.writer_of("1234-abcdef12") == ""

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -57,7 +59,14 @@ def test_replicas_and_resources_become_deployment_options() -> None:
         "graceful_shutdown_timeout_s": 42.0,
         "max_surge_percent": 1,
         "max_constructor_retry_count": 3,
+        "request_router_config": {
+            "request_router_class": "easllm.control.runtimes.ray_router.ConversationRouter",
+            "request_router_kwargs": {"load_factor": 1.25},
+        },
     }
+    assert "request_router_config" not in deployment_options(spec(), 1.0, load_factor=None), (
+        "--routing least-loaded: Serve's own power-of-two choices"
+    )
 
 
 def test_defaults_reserve_one_cpu_and_hide_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -241,7 +250,16 @@ class MemoryServe:
     async def connect(self) -> str:
         return self.proxy_url
 
-    async def deploy(self, spec: ServiceSpec, code: str, data_dir: Path, load: float, drain: float) -> None:
+    async def deploy(
+        self,
+        spec: ServiceSpec,
+        code: str,
+        data_dir: Path,
+        load: float,
+        drain: float,
+        load_factor: float | None,
+    ) -> None:
+        assert load_factor == 1.25, "prefix routing (the console's default) inside Serve too"
         self.deploys.append((spec.name, spec, code))
         n = spec.replicas if spec.autoscaling is None else spec.autoscaling.min_replicas
         if self.fail_next:
@@ -375,3 +393,59 @@ async def test_an_app_gone_from_the_cluster_is_deployed_again(console, monkeypat
     assert len(serve.deploys) == 2 and "svc" in serve.apps
     last = controller.describe("svc")["events"][-1]
     assert last["kind"] == "restart" and "was gone" in last["message"]
+
+
+# -- Serve's router for easllm services ------------------------------------------------------------
+
+
+@dataclass
+class FakeReplica:
+    replica_id: Any
+
+
+@dataclass(frozen=True)
+class FakeReplicaId:
+    unique_id: str
+
+
+class FakeQueueLengths:
+    def __init__(self, lengths: dict[str, int]) -> None:
+        self.lengths = lengths
+
+    def get(self, replica_id: FakeReplicaId) -> int | None:
+        return self.lengths.get(replica_id.unique_id)
+
+
+def serve_router(lengths: dict[str, int]) -> Any:
+    from easllm.control.runtimes.ray_router import ConversationRouter
+
+    router = object.__new__(ConversationRouter)  # Serve builds it with its own internals
+    router.initialize_state(load_factor=1.25)
+    router._replica_queue_len_cache = FakeQueueLengths(lengths)
+    return router
+
+
+def pending(name: str) -> Any:
+    return SimpleNamespace(metadata=SimpleNamespace(multiplexed_model_id=name))
+
+
+async def test_serve_routes_a_conversation_by_the_gateways_ring_with_bounded_load() -> None:
+    pytest.importorskip("ray.serve.request_router")
+    replicas = [FakeReplica(FakeReplicaId(i)) for i in ("abc", "def", "ghi")]
+    router = serve_router({"abc": 0, "def": 0, "ghi": 0})
+    ranks = await router.choose_replicas(replicas, pending("conversation:k1"))
+    home = ranks[0][0]
+    assert len(ranks[0]) == 1 and sorted(r.replica_id.unique_id for r in ranks[1]) == sorted(
+        r.replica_id.unique_id for r in replicas if r is not home
+    )
+    for _ in range(3):
+        assert (await router.choose_replicas(replicas, pending("conversation:k1")))[0][0] is home
+    router._replica_queue_len_cache.lengths[home.replica_id.unique_id] = 5  # far above the average
+    assert (await router.choose_replicas(replicas, pending("conversation:k1")))[0][0] is not home
+    session_home = (await router.choose_replicas(replicas, pending("session:s1")))[0][0]
+    router._replica_queue_len_cache.lengths[session_home.replica_id.unique_id] = 50
+    assert (await router.choose_replicas(replicas, pending("session:s1")))[0][0] is session_home, (
+        "a browser session stays however busy its replica is"
+    )
+    unnamed = await router.choose_replicas(replicas, pending(""))
+    assert len(unnamed) == 1 and unnamed[0][0].replica_id.unique_id != session_home.replica_id.unique_id

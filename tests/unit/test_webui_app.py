@@ -107,8 +107,11 @@ def test_with_a_token_nothing_but_the_login_page_is_reachable(tmp_path: Path) ->
         for method, path in LOCKED:
             r = client.request(method, path)
             assert r.status_code == 401, (method, path, r.status_code)
-        # The API token in a header does not open the page: the browser logs in once.
-        assert client.get("/webui/config", headers={"Authorization": TOKEN}).status_code == 401
+        # The token in Authorization (what the console's gateway sends once it has checked the
+        # browser's ?token=) is a login; a wrong one is not.
+        assert client.get("/webui/config", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        assert client.get("/webui/config", headers={"Authorization": "wrong"}).status_code == 401
+        assert "chat-send" in client.get("/webui/", headers={"Authorization": TOKEN}).text
         page = client.get("/webui/")  # the login form only: no layout, no API description
         assert page.status_code == 200 and '"auth_required":true' in page.text.replace(" ", "")
         assert "chat-send" not in page.text

@@ -53,11 +53,13 @@ def gateway_prefix(service: str) -> str:
     return f"/api/predict/{service}"
 
 
-def serve_command(spec: ServiceSpec, port: int, data_dir: Path) -> list[str]:
+def serve_command(spec: ServiceSpec, port: int, data_dir: Path, replica_name: str | None = None) -> list[str]:
     """The `easllm serve` command line of one replica of `spec` (its token goes in the environment)."""
     options = spec.serve_options()
     cmd = [sys.executable, "-m", "easllm.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--service-name", spec.name, "--model-path", spec.model]
+    if replica_name:
+        cmd += ["--replica-name", replica_name]
     cmd += ["--root-path", gateway_prefix(spec.name)]  # links the WebUI makes point at the gateway
     if spec.engine:
         cmd += ["--engine", spec.engine]
@@ -84,9 +86,16 @@ class LocalRuntime:
     async def close(self) -> None:
         await self._http.aclose()
 
-    def start(self, spec: ServiceSpec, log_path: Path, data_dir: Path, port: int | None = None) -> Launch:
+    def start(
+        self,
+        spec: ServiceSpec,
+        log_path: Path,
+        data_dir: Path,
+        port: int | None = None,
+        replica_name: str | None = None,
+    ) -> Launch:
         port = port or free_port()
-        cmd = serve_command(spec, port, data_dir)
+        cmd = serve_command(spec, port, data_dir, replica_name)
         env = {**os.environ, "EASLLM_TOKEN": spec.token or "", "PYTHONUNBUFFERED": "1"}
         if spec.resources.gpu == 0 and spec.engine != "vllm":
             env["CUDA_VISIBLE_DEVICES"] = ""

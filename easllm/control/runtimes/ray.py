@@ -32,6 +32,7 @@ DEPLOYMENT = "easllm"  # the one deployment of each service's application
 MAX_ONGOING_REQUESTS = 100  # per replica; an open WebSocket counts as one for its whole life
 PASSED_ENV = ("EASLLM_HOME", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "EASLLM_LOG_LEVEL")
 LOCAL = "local"  # --ray-address local: a private single-node cluster inside the console
+ROUTER = "easllm.control.runtimes.ray_router.ConversationRouter"  # Serve imports it by this path
 
 
 class RayUnavailable(RuntimeError):
@@ -70,8 +71,11 @@ def replica_env(spec: ServiceSpec) -> dict[str, str]:
     return env
 
 
-def deployment_options(spec: ServiceSpec, drain_timeout: float) -> dict[str, Any]:
-    """`serve.deployment(...)` options of `spec`: replicas or autoscaling, resources, draining."""
+def deployment_options(
+    spec: ServiceSpec, drain_timeout: float, load_factor: float | None = 1.25
+) -> dict[str, Any]:
+    """`serve.deployment(...)` options of `spec`: replicas or autoscaling, resources, draining,
+    and the router (the gateway's conversation routing with `load_factor`; None: Serve's own)."""
     actor: dict[str, Any] = {"num_cpus": spec.resources.cpu or 1, "num_gpus": spec.resources.gpu}
     if spec.resources.memory:
         actor["memory"] = spec.resources.memory * 2**20  # Ray counts bytes
@@ -84,6 +88,11 @@ def deployment_options(spec: ServiceSpec, drain_timeout: float) -> dict[str, Any
         "max_surge_percent": 1,  # an update starts one new replica before stopping an old one
         "max_constructor_retry_count": 3,  # a model that cannot load fails the deploy soon
     }
+    if load_factor is not None:
+        options["request_router_config"] = {
+            "request_router_class": ROUTER,
+            "request_router_kwargs": {"load_factor": load_factor},
+        }
     scaling = spec.autoscaling
     if scaling is None:
         options["num_replicas"] = spec.replicas
@@ -187,11 +196,17 @@ class RayRuntime:
         self._pool.shutdown(wait=False)
 
     async def deploy(
-        self, spec: ServiceSpec, code_version: str, data_dir: Path, load_timeout: float, drain_timeout: float
+        self,
+        spec: ServiceSpec,
+        code_version: str,
+        data_dir: Path,
+        load_timeout: float,
+        drain_timeout: float,
+        load_factor: float | None = 1.25,
     ) -> None:
         """Run `spec` as the application `spec.name` (a new one, or an update of the running one)."""
         await self.connect()
-        options = deployment_options(spec, drain_timeout)
+        options = deployment_options(spec, drain_timeout, load_factor)
         argv = serve_argv(spec, data_dir)
         await self._call(self._run, spec.name, options, code_version, argv, spec.token, load_timeout)
 

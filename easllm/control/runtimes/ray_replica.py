@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 import time
 from dataclasses import replace
@@ -104,7 +105,9 @@ class ServiceReplica:
 
         replica = serve.get_replica_context().replica_id.unique_id
         print(f"easllm: replica {replica} starting: easllm serve {' '.join(self.argv)}", file=sys.stderr)
-        return ReadyWhenLoaded(build_service_app(self.argv, self.token), replica, self.load_timeout)
+        name = re.sub(r"[^A-Za-z0-9_-]", "_", f"ray-{replica}")[:64]  # its history export files
+        argv = [*self.argv, "--replica-name", name]
+        return ReadyWhenLoaded(build_service_app(argv, self.token), replica, self.load_timeout)
 
     async def check_health(self) -> None:
         """Serve replaces a replica whose check fails. Checks start after the model loaded, so
