@@ -1,7 +1,5 @@
 """What `easllm deploy`, `update` and `start` print while a version comes up, and when it is up.
-
-(The model-pull lines are main's `_wait`/`_pull_line` from the model-pull work, moved here with the
-wait so that the two merge as one function.)
+Model pulls show as progress lines while the console fetches weights before starting replicas.
 """
 
 from __future__ import annotations
