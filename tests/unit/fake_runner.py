@@ -86,7 +86,6 @@ class FakeGrammar:
         self.accepted.append(token)
 
     def close(self) -> None:
-        self.cache.clear()  # as a closed llama.cpp context: an engine started again finds it empty
         self.closed = True
 
 
