@@ -62,7 +62,7 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int], start: int = 0, end: i
 
 
 class Node:
-    __slots__ = ("tokens", "start", "parent", "children", "others", "seq_id", "locks", "last_used")
+    __slots__ = ("children", "last_used", "locks", "others", "parent", "seq_id", "start", "tokens")
 
     def __init__(self, start: int, parent: Node | None, tokens: list[int] | None = None) -> None:
         self.tokens: list[int] = tokens or []
@@ -290,7 +290,7 @@ class PrefixCache:
 
     def _split(self, node: Node, offset: int) -> Node:
         """Cut `node` after `offset` tokens; returns the first part (the whole node when it ends there)."""
-        if node is self.root or offset == len(node.tokens) and node.seq_id not in self._running:
+        if node is self.root or (offset == len(node.tokens) and node.seq_id not in self._running):
             return node  # a cached leaf matched to its end: `admit` frees its id
         rest = Node(node.start + offset, node, node.tokens[offset:])
         node.tokens = node.tokens[:offset]

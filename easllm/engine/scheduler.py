@@ -24,7 +24,6 @@ from easllm.engine.sampler import Sample
 from easllm.engine.sequence import Sequence, SequenceStatus
 from easllm.engine.types import FinishReason, TokenDelta
 
-
 SHARED_WAIT_TOKENS = 32  # a prefix another sequence is computing, long enough to wait for
 
 

@@ -93,7 +93,7 @@ class LlamaCppRunner:
         self.context_length = min(config.ctx_size, self.model.n_ctx_train())
         most_ids = llama_cpp.llama_max_parallel_sequences()
         self.max_seqs = max(1, min(config.max_batch, most_ids - int(config.prefix_cache)))
-        # cached prefixes each keep an idle id: 3 per running sequence hold 16 conversations on 8 slots and more
+        # cached prefixes each keep an idle id: 3 per running sequence (16 conversations on 8 slots)
         self.num_seq_ids = min(most_ids, 4 * self.max_seqs) if config.prefix_cache else self.max_seqs
         self.max_batch_tokens = max(config.max_batch_tokens, self.max_seqs)
         kv_cells = config.kv_size or self.context_length * min(4, self.max_seqs)
