@@ -39,9 +39,9 @@ TOKENS = 16
 NEAR_TIE = 1.5  # nats between the solo run's choice and the batched run's, where they part
 
 
-def complete(server: Server, prompt: str, stream: bool = False) -> dict:
-    """Greedy /v1/completions with logprobs: {"tokens", "top", "text", "finish_reason"}."""
-    body = {"prompt": prompt, "max_tokens": TOKENS, "temperature": 0, "logprobs": 5, "stream": stream}
+def complete(server: Server, prompt: str, stream: bool = False, tokens: int = TOKENS) -> dict:
+    """Greedy /v1/completions with logprobs: {"tokens", "top", "text", "finish_reason", "usage"}."""
+    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "logprobs": 5, "stream": stream}
     r = requests.post(
         f"{server.url}/v1/completions", json=body, headers=server.headers(), stream=stream, timeout=300
     )
@@ -52,6 +52,7 @@ def complete(server: Server, prompt: str, stream: bool = False) -> dict:
         if line.startswith("data: {")
     ]  # fmt: skip
     out: dict = {"tokens": [], "top": [], "text": "", "finish_reason": None}
+    out["usage"] = None if stream else r.json()["usage"]
     for c in choices:
         out["text"] += c["text"]
         out["finish_reason"] = c["finish_reason"] or out["finish_reason"]
