@@ -207,9 +207,8 @@ def servers(
     threads = str(args.threads)
     easllm = ["--model-path", str(args.model), "--threads", threads, "--max-num-seqs", str(slots),
               "--ctx-size", str(ctx), "--kv-size", str(slots * ctx), "--log-level", "WARNING",
-              "--max-new-tokens", str(args.max_tokens), "--api-only"]  # fmt: skip
-    if args.omp_wait_policy:
-        easllm += ["--omp-wait-policy", args.omp_wait_policy.lower()]
+              "--max-new-tokens", str(args.max_tokens), "--api-only",
+              "--omp-wait-policy", (args.omp_wait_policy or "auto").lower()]  # fmt: skip
     with ExitStack() as stack:
         urls: dict[str, str] = {}
         if "easllm" not in args.skip:

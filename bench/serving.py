@@ -296,7 +296,8 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path, skipped: dict[st
         for n in args.clients:
             easllm_flags = ["--model-path", name, "--threads", threads, "--max-num-seqs", str(n),
                             "--ctx-size", str(CTX_PER_SEQ), "--kv-size", str(n * CTX_PER_SEQ),
-                            "--max-new-tokens", "128", "--log-level", "WARNING"]  # fmt: skip
+                            "--max-new-tokens", "128", "--log-level", "WARNING",
+                            "--omp-wait-policy", (args.omp_wait_policy or "auto").lower()]  # fmt: skip
             binary = str(getattr(args, "llama_server", ""))
             llama_server = [binary, "-m", str(gguf), "-t", threads, "-tb", threads, "-np", str(n),
                             "-c", str(n * CTX_PER_SEQ), "--log-disable"]  # fmt: skip
