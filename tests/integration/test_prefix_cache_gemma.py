@@ -78,7 +78,7 @@ def test_each_round_reuses_the_whole_previous_sequence_and_answers_as_without_th
     assert eas.status_code == 200 and eas.json()["usage"]["cached_tokens"] > 0, eas.text
     d = details(cached)
     assert d["kv_cells_used"] == d["kv_cells_cached"] > 0 and d["prefix_cache_hits_total"] > 0
-    metrics = requests.get(f"{cached.url}/metrics", timeout=10).text
+    metrics = requests.get(f"{cached.url}/metrics", headers=cached.headers(), timeout=10).text
     assert "easllm_prefix_cache_hits_total" in metrics and "easllm_kv_cache_cached_cells" in metrics
 
 
