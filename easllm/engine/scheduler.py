@@ -142,12 +142,14 @@ class Scheduler:
 
     def _prefilling_shares(self, seq: Sequence, matched: int) -> bool:
         """Whether a running sequence is computing a longer prefix of this one's tokens right now
-        (the same system prompt, the same retrieved chunks), worth a step's wait."""
+        (the same system prompt, the same retrieved chunks), worth a step's wait: many tokens,
+        or most of what this one would compute itself."""
         for other in self.running:
             if other.num_cached >= other.num_prompt_tokens or not self.cache.enabled:
                 continue
             shared = common_prefix_len(seq.token_ids, other.token_ids, 0, other.num_prompt_tokens)
-            if min(shared, len(seq) - 1) - max(matched, other.num_cached) >= SHARED_WAIT_TOKENS:
+            gain = min(shared, len(seq) - 1) - max(matched, other.num_cached)
+            if gain >= SHARED_WAIT_TOKENS or (gain > 0 and 2 * gain >= len(seq) - matched):
                 return True
         return False
 

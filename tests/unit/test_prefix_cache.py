@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from easllm.engine.prefix_cache import Node, PrefixCache, common_prefix_len
-from easllm.engine.scheduler import SHARED_WAIT_TOKENS
 from easllm.engine.types import FinishReason
 from tests.unit.fake_runner import FakeBatchingEngine, FakeRunner, encode, offline_engine, reference
 from tests.unit.test_scheduler import collect, run, submit
@@ -104,7 +103,7 @@ def test_concurrent_sequences_with_one_prefix_share_its_cells() -> None:
     own = sum(len(encode(q)) - 1 + 8 for q in questions)
     assert peak <= prefix + own, "the system prompt was computed once and shared"
     hits = sorted(results[q].usage.cached_tokens for q in questions)
-    assert hits[0] == 0 and hits[1] >= prefix - SHARED_WAIT_TOKENS and min(hits[2:]) >= prefix
+    assert hits[0] == 0 and min(hits[1:]) >= prefix, hits  # the others waited for the first one
 
 
 def test_lru_eviction_makes_room_and_never_costs_a_running_sequence() -> None:
