@@ -184,6 +184,10 @@ class PrefixCache:
         parent, seq_id = tail.parent, tail.seq_id
         assert parent is not None and seq_id is not None
         node, offset, n = self._walk(parent, tail.tokens, len(tail.tokens))
+        if n == 0:  # the sibling it collided with is gone
+            parent.others.remove(tail)
+            parent.children[tail.tokens[0]] = tail
+            return
         end = tail.start + n
         holder = next((h for h in self._holders(node) if self.kv.can_continue(h, end)), None)
         if n == len(tail.tokens) or holder is None:

@@ -6,7 +6,7 @@ import pytest
 
 from easllm.engine.prefix_cache import Node, PrefixCache, common_prefix_len
 from easllm.engine.types import FinishReason
-from tests.unit.fake_runner import FakeBatchingEngine, FakeRunner, encode, offline_engine, reference
+from tests.unit.fake_runner import Cell, FakeBatchingEngine, FakeRunner, encode, offline_engine, reference
 from tests.unit.test_scheduler import collect, run, submit
 
 SYSTEM = "you are a helpful assistant who answers briefly and well "  # 57 tokens with BOS
@@ -199,3 +199,23 @@ def test_without_the_prefix_cache_nothing_is_kept_or_reused() -> None:
 def test_the_cache_needs_more_ids_than_running_sequences() -> None:
     with pytest.raises(ValueError, match="more sequence ids"):
         PrefixCache(FakeRunner(max_seqs=2, num_seq_ids=2), 256, 2)
+
+
+def test_twin_leaves_fold_into_one_and_a_twin_left_alone_is_indexed() -> None:
+    runner = FakeRunner(max_seqs=3, num_seq_ids=6)
+    cache = PrefixCache(runner, 256, 3)
+
+    texts = [[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 3, 4]]
+    a, b, c = [cache.admit(cache.match(t, len(t) - 1)) for t in texts]  # at once: nothing cached yet
+    for seq_id, tokens in zip((a, b, c), texts, strict=True):  # one forward pass computes them all
+        runner.cache[seq_id] = [Cell(t) for t in tokens]
+        cache.extend(seq_id, tokens)
+    assert cache.cells_used == 12 == runner.kv_cells_used()
+    cache.release(b)  # shares a's [1, 2, 3] now; keeps its own 5
+    assert cache.cells_used == 9 == runner.kv_cells_used()
+    assert cache.match([1, 2, 3, 5, 9], 5).length == 4
+    cache.release(a)
+    assert not cache.make_room(256)  # evicts every cached leaf; c (running) keeps its cells
+    cache.release(c)  # its twin is gone: it is indexed as it is
+    assert cache.match([1, 2, 3, 4, 9], 5).length == 4
+    assert cache.cells_used == runner.kv_cells_used()
