@@ -20,8 +20,8 @@ about 2 hours, most of it easllm-nocache and llama-server recomputing 1,900 toke
 16 conversations. A smoke run takes a minute or two:
 
     make bench-multiturn
-    .venv/bin/python bench/multiturn.py --model gemma3-270m --system-tokens 200 --conversations 2 \\
-        --rounds 2 --repeats 1 --shared 2 --shared-system-tokens 150 --skip llama-server
+    .venv/bin/python bench/multiturn.py --model gemma3-270m --api completions --system-tokens 200 \\
+        --conversations 2 --rounds 2 --repeats 1 --shared 2 --shared-system-tokens 150 --skip llama-server
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -106,16 +107,27 @@ class Result:
         return sum(t.completion_tokens for r in self.rounds for t in r) / self.wall if self.wall else 0.0
 
 
-def chat(url: str, messages: list[dict], max_tokens: int) -> tuple[Turn, str]:
-    """One streaming greedy chat completion: its TTFT, usage (cached tokens as the server reports
-    them: OpenAI's prompt_tokens_details, or llama-server's timings.cache_n) and text."""
+def transcript(messages: list[dict]) -> str:
+    """The conversation as one plain-text prompt, for a model without a chat template (--api completions)."""
+    names = {"system": "", "user": "User: ", "assistant": "Assistant: "}
+    return "\n\n".join(names[m["role"]] + m["content"] for m in messages) + "\n\nAssistant:"
+
+
+def chat(url: str, messages: list[dict], max_tokens: int, api: str = "chat") -> tuple[Turn, str]:
+    """One streaming greedy completion of the conversation: its TTFT, usage (cached tokens as the
+    server reports them: OpenAI's prompt_tokens_details, or llama-server's timings.cache_n) and text."""
     body = {
-        "model": "bench", "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+        "model": "bench", "max_tokens": max_tokens, "temperature": 0,
         "stream": True, "stream_options": {"include_usage": True},
     }  # fmt: skip
+    if api == "chat":
+        body["messages"] = messages
+    else:
+        body["prompt"] = transcript(messages)
     t0 = time.perf_counter()
     first, text, usage, timings = None, "", {}, {}
-    with requests.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=3600) as r:
+    path = "/v1/chat/completions" if api == "chat" else "/v1/completions"
+    with requests.post(f"{url}{path}", json=body, stream=True, timeout=3600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith(b"data: {"):
@@ -124,7 +136,7 @@ def chat(url: str, messages: list[dict], max_tokens: int) -> tuple[Turn, str]:
             usage = event.get("usage") or usage
             timings = event.get("timings") or timings
             for choice in event.get("choices") or []:
-                piece = (choice.get("delta") or {}).get("content") or ""
+                piece = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
                 if piece and first is None:
                     first = time.perf_counter() - t0
                 text += piece
@@ -139,7 +151,7 @@ def chat(url: str, messages: list[dict], max_tokens: int) -> tuple[Turn, str]:
     return turn, text
 
 
-def conversations(url: str, system: str, c: int, rounds: int, max_tokens: int) -> Result:
+def conversations(url: str, system: str, c: int, rounds: int, max_tokens: int, api: str) -> Result:
     """C conversations at once, each R rounds one after another; round r's turns are collected
     across conversations."""
     result = Result(rounds=[[] for _ in range(rounds)])
@@ -153,7 +165,7 @@ def conversations(url: str, system: str, c: int, rounds: int, max_tokens: int) -
             question = QUESTIONS[(k + r) % len(QUESTIONS)] + f" (conversation {k + 1}, round {r + 1})"
             messages.append({"role": "user", "content": question})
             try:
-                turn, text = chat(url, messages, max_tokens)
+                turn, text = chat(url, messages, max_tokens, api)
             except (requests.RequestException, ValueError) as exc:
                 print(f"    conversation {k + 1} round {r + 1}: {exc}", file=sys.stderr)
                 with lock:
@@ -242,13 +254,13 @@ def bench(args: argparse.Namespace, gguf: Path, tmp: Path) -> tuple[list[dict], 
         slots = min(c, args.slots)
         with servers(args, gguf, slots, ctx, tmp) as urls:
             for url in urls.values():
-                chat(url, [{"role": "user", "content": "Hello"}], 4)  # warm up
+                chat(url, [{"role": "user", "content": "Hello"}], 4, args.api)  # warm up
             results: dict[str, list[Result]] = {k: [] for k in urls}
             for rep in range(args.repeats):
                 system = document(args.system_tokens, count, f"Session {c}.{rep}")
                 names = list(urls)
                 for k in names[rep % len(names) :] + names[: rep % len(names)]:
-                    got = conversations(urls[k], system, c, args.rounds, args.max_tokens)
+                    got = conversations(urls[k], system, c, args.rounds, args.max_tokens, args.api)
                     results[k].append(got)
                     first, later = median_of(got.ttfts(0, 1)), mean_of(got.ttfts(1, args.rounds))
                     print(f"  C={c} repeat {rep + 1} {k:14}: round 1 TTFT p50 {first:.2f} s, "
@@ -259,14 +271,16 @@ def bench(args: argparse.Namespace, gguf: Path, tmp: Path) -> tuple[list[dict], 
         slots = min(args.shared, args.slots)
         with servers(args, gguf, slots, ctx, tmp) as urls:
             for url in urls.values():
-                chat(url, [{"role": "user", "content": "Hello"}], 4)
+                chat(url, [{"role": "user", "content": "Hello"}], 4, args.api)
             results = {k: [] for k in urls}
             for rep in range(args.repeats):
                 system = document(args.shared_system_tokens, count, f"Shared {rep}")
                 for k, url in urls.items():
                     got = Result()
                     with kv_watch(url if k == "easllm" else None, got):
-                        got.rounds = conversations(url, system, args.shared, 1, args.max_tokens).rounds
+                        got.rounds = conversations(
+                            url, system, args.shared, 1, args.max_tokens, args.api
+                        ).rounds
                     results[k].append(got)
             prefix = count(system)
             for k, rs in results.items():
@@ -379,12 +393,17 @@ def main() -> None:
     )
     parser.add_argument("--shared-system-tokens", type=int, default=1500)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--api", choices=["chat", "completions"], default="chat",
+        help="completions: the conversation as plain text (a model without a chat template: gemma3-270m)",
+    )  # fmt: skip
     parser.add_argument("--skip", nargs="*", default=[], choices=PEERS)
     parser.add_argument(
         "--omp-wait-policy", choices=["active", "passive"], default=None,
         help="for every server alike (default: each runs with its own OpenMP defaults)",
     )  # fmt: skip
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still stops its servers
     for name, low in (("system-tokens", 16), ("rounds", 1), ("repeats", 1), ("max-tokens", 1), ("slots", 1)):
         if getattr(args, name.replace("-", "_")) < low:
             parser.error(f"--{name} must be at least {low}")
