@@ -109,7 +109,7 @@ class Result:
 
 def transcript(messages: list[dict]) -> str:
     """The conversation as one plain-text prompt, for a model without a chat template (--api completions)."""
-    names = {"system": "", "user": "User: ", "assistant": "Assistant: "}
+    names = {"system": "", "user": "User: ", "assistant": "Assistant:"}  # the answer brings its space
     return "\n\n".join(names[m["role"]] + m["content"] for m in messages) + "\n\nAssistant:"
 
 
