@@ -47,8 +47,6 @@ def running_server(
     log_path = tmp / f"server-{port}.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("EASLLM_TOKEN", None)
-    if "--omp-wait-policy" not in args:  # tests share the cores: llama.cpp's threads must not spin
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cmd = [sys.executable, "-m", "easllm.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     if token:
         cmd += ["--token", token]
