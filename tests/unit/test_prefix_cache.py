@@ -219,3 +219,21 @@ def test_twin_leaves_fold_into_one_and_a_twin_left_alone_is_indexed() -> None:
     cache.release(c)  # its twin is gone: it is indexed as it is
     assert cache.match([1, 2, 3, 4, 9], 5).length == 4
     assert cache.cells_used == runner.kv_cells_used()
+
+
+def test_when_the_backend_is_fuller_than_counted_cached_prefixes_go_before_any_running_sequence() -> None:
+    engine = offline_engine(FakeRunner(max_seqs=4, max_batch_tokens=64))
+    submit(engine, SYSTEM + "old", "old", max_new_tokens=3)
+    run(engine)
+    for rid in ("a", "b"):
+        submit(engine, rid + " " + SYSTEM, rid, max_new_tokens=20)
+    results: dict = {}
+    collect(results, engine.step())
+    scheduler = engine.scheduler
+    assert scheduler.cache.cells_cached > 0 and len(scheduler.running) == 2
+    assert scheduler.make_room() and scheduler.cache.cells_cached == 0 and scheduler.preempted_total == 0
+    assert scheduler.make_room() and scheduler.preempted_total == 1  # then the newest running one
+    run(engine, results)
+    for rid in ("a", "b"):
+        assert results[rid].text == reference(encode(rid + " " + SYSTEM), 20)
+    check(engine)
