@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 ARGS ?=
 
-.PHONY: install install-test serve test test-all lint clean chromium bench-deps bench-serving
+.PHONY: install install-test serve test test-all lint clean chromium bench-deps bench-serving bench-multiturn
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -81,6 +81,9 @@ bench-deps: $(VENV)/.installed
 
 bench-serving: bench-deps
 	HF_HUB_OFFLINE=1 $(PY) bench/serving.py $(BENCH_ARGS)
+
+bench-multiturn: bench-deps
+	HF_HUB_OFFLINE=1 $(PY) bench/multiturn.py $(BENCH_ARGS)
 
 lint: install-test
 	$(VENV)/bin/ruff check easllm tests bench

@@ -296,7 +296,8 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path, skipped: dict[st
         for n in args.clients:
             easllm_flags = ["--model-path", name, "--threads", threads, "--max-num-seqs", str(n),
                             "--ctx-size", str(CTX_PER_SEQ), "--kv-size", str(n * CTX_PER_SEQ),
-                            "--max-new-tokens", "128", "--log-level", "WARNING"]  # fmt: skip
+                            "--max-new-tokens", "128", "--log-level", "WARNING",
+                            "--omp-wait-policy", (args.omp_wait_policy or "auto").lower()]  # fmt: skip
             binary = str(getattr(args, "llama_server", ""))
             llama_server = [binary, "-m", str(gguf), "-t", threads, "-tb", threads, "-np", str(n),
                             "-c", str(n * CTX_PER_SEQ), "--log-disable"]  # fmt: skip
@@ -382,7 +383,7 @@ def ratio(row: dict, peer: str, key: str = "tps") -> str:
 def print_tables(rows: list[dict], args: argparse.Namespace, skipped: dict[str, str]) -> None:
     print(
         f"\nprompts ~20-100 tokens, 64-128 new tokens per stream, greedy, {args.threads} threads, "
-        f"median of {args.rounds}; OMP_WAIT_POLICY={args.omp_wait_policy}; "
+        f"median of {args.rounds}; OMP_WAIT_POLICY {args.omp_wait_policy or 'each peer its own default'}; "
         f"load average now {os.getloadavg()[0]:.1f}"
     )
     print(f"{'model':22} {'N':>3} {'peer':12} {'tok/s':>7} {'/stream':>7} {'TTFT p50':>8} {'p95':>7} errors")
@@ -432,8 +433,9 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["llama-server", "lcpp-server"])
     parser.add_argument(
         "--omp-wait-policy",
-        default=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-        help="for every peer alike (default PASSIVE, as easllm: spinning threads stall a shared machine)",
+        choices=["active", "passive"],
+        default=None,
+        help="OMP_WAIT_POLICY for every peer alike (default: each runs with its own OpenMP defaults)",
     )
     parser.add_argument(
         "--vllm", metavar="HF_DIR", help="GPU: easllm --engine vllm against vllm serve on this model"
@@ -442,7 +444,10 @@ def main() -> None:
         "--gpu-share", type=float, default=0.4, help="--vllm: GPU memory share of each server"
     )
     args = parser.parse_args()
-    os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy  # before llama.cpp loads here or in a peer
+    if args.omp_wait_policy:  # before llama.cpp loads here or in a peer
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
+    else:
+        os.environ.pop("OMP_WAIT_POLICY", None)
     skipped = {peer: "--skip" for peer in args.skip}
     with tempfile.TemporaryDirectory() as tmp:
         if args.vllm:

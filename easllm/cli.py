@@ -143,6 +143,19 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "(default: ctx-size x min(4, max-batch); at least ctx-size)",
     )
     m.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        help="llama.cpp, vLLM: do not reuse the KV cache of earlier requests' common prefixes",
+    )
+    m.add_argument(
+        "--omp-wait-policy",
+        choices=("auto", "active", "passive"),
+        default="auto",
+        help="llama.cpp: OpenMP threads at barriers; auto: OpenMP's own default (or OMP_WAIT_POLICY), "
+        "passive: on a machine shared with other busy processes",
+    )
+    m.add_argument(
         "--tensor-parallel-size",
         type=_ranged(int, 1),
         default=1,
@@ -363,6 +376,8 @@ def configs_from(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
         max_batch=args.max_batch or default_max_batch(args.engine),
         max_batch_tokens=args.max_batch_tokens,
         kv_size=args.kv_size,
+        prefix_cache=args.prefix_cache,
+        omp_wait_policy=args.omp_wait_policy,
         tensor_parallel_size=args.tensor_parallel_size,
         gpu_memory_utilization=args.gpu_memory_utilization,
     )

@@ -35,6 +35,8 @@ class EngineConfig:
     max_batch: int = 16  # sequences decoded together (continuous batching)
     max_batch_tokens: int = 512  # tokens per forward pass: decode tokens plus prefill chunks
     kv_size: int | None = None  # KV cache tokens shared by all sequences; None: ctx_size x min(4, max_batch)
+    prefix_cache: bool = True  # llama.cpp, vLLM: reuse the KV cells of earlier requests' common prefixes
+    omp_wait_policy: str = "auto"  # llama.cpp: OpenMP barrier wait: auto (OpenMP default) | active | passive
     tensor_parallel_size: int = 1  # vLLM: GPUs one replica's model is split over
     gpu_memory_utilization: float = 0.9  # vLLM: share of each GPU's memory it takes
 

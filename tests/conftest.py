@@ -10,6 +10,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# the suite shares its cores with the servers it starts: llama.cpp's OpenMP threads must not spin
+# (easllm's --omp-wait-policy auto leaves the environment's choice in force)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _private_home() -> None:

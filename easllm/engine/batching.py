@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 from easllm.config import EngineConfig
 from easllm.engine.base import EngineError, EngineOverloaded
+from easllm.engine.prefix_cache import PrefixCache
 from easllm.engine.runner import KVCacheFull, ModelRunner
 from easllm.engine.sampler import Sampler
 from easllm.engine.scheduler import Scheduler, SchedulerConfig
@@ -46,6 +47,7 @@ class BatchingEngine(ABC):
         self._running = 0
         self._waiting = 0
         self._kv_used = 0
+        self._kv_cached = 0  # of those, cells only cached prefixes hold
         self._aborted = 0
         self._finished = 0
         self._steps = 0
@@ -118,9 +120,14 @@ class BatchingEngine(ABC):
             queued = sum(isinstance(i, Sequence) for i in self._inbox)
         details: dict[str, object] = {}
         if runner is not None:
+            scheduler = self.scheduler
             details = {
                 "kv_cells_used": self._kv_used,
+                "kv_cells_cached": self._kv_cached,
                 "kv_cells_total": runner.kv_cells,
+                "prefix_cache": bool(scheduler and scheduler.cache.enabled),
+                "prefix_cache_queries_total": scheduler.prefix_queries_total if scheduler else 0,
+                "prefix_cache_hits_total": scheduler.prefix_hits_total if scheduler else 0,
                 "max_batch": runner.max_seqs,
                 "max_batch_tokens": runner.max_batch_tokens,
                 "context_per_sequence": self._info.context_length if self._info else None,
@@ -142,7 +149,8 @@ class BatchingEngine(ABC):
         """Take a loaded model. `start` calls it; tests call it to drive `step()` by hand."""
         self.runner = runner
         config = SchedulerConfig(runner.max_seqs, runner.max_batch_tokens, runner.kv_cells)
-        self.scheduler = Scheduler(config, runner.release)
+        cache = PrefixCache(runner, runner.kv_cells, runner.max_seqs, self.config.prefix_cache)
+        self.scheduler = Scheduler(config, cache)
         self._info = info
 
     def sequence(self, req: GenerationRequest) -> Sequence:
@@ -181,7 +189,7 @@ class BatchingEngine(ABC):
                 deltas = self.step()
                 self._steps += 1
             except KVCacheFull:
-                if not self.scheduler.preempt_newest():
+                if not self.scheduler.make_room():
                     self._fail_running(EngineError("the KV cache cannot hold this sequence"))
             except Exception as exc:  # a failed forward pass ends the running requests, not the engine
                 log.exception("engine step failed")
@@ -215,7 +223,8 @@ class BatchingEngine(ABC):
         assert self.scheduler is not None and self.runner is not None
         self._running = len(self.scheduler.running)
         self._waiting = len(self.scheduler.waiting)
-        self._kv_used = self.runner.kv_cells_used()
+        self._kv_used = self.scheduler.cache.cells_used
+        self._kv_cached = self.scheduler.cache.cells_cached
 
     def _deliver(self, items: list[TokenDelta]) -> None:
         ready: list[tuple[Stream, Item]] = []

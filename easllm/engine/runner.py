@@ -30,9 +30,12 @@ class Vocab(Protocol):
 
 
 class ModelRunner(Protocol):
+    """A forward pass plus the KV cache operations the prefix cache uses (`prefix_cache.KVOps`)."""
+
     vocab: Vocab
     kv_cells: int  # KV cache size in tokens, shared by all sequences
-    max_seqs: int  # sequences the cache holds at once; slots are 0 .. max_seqs - 1
+    max_seqs: int  # sequences running at once
+    num_seq_ids: int  # KV sequence ids 0 .. num_seq_ids - 1: running ones and cached prefixes
     max_batch_tokens: int  # tokens one forward pass may take
 
     def run(self, batch: Batch) -> list[np.ndarray]:
@@ -41,11 +44,17 @@ class ModelRunner(Protocol):
         until the next call. Raises KVCacheFull when the cache has no room."""
         ...
 
-    def release(self, slot: int) -> None:
-        """Drop everything the KV cache holds for a slot, so the slot can start a new sequence."""
+    def copy(self, src: int, dst: int, start: int, end: int) -> None:
+        """Let sequence id `dst` share `src`'s cells at positions start .. end - 1."""
         ...
 
-    def kv_cells_used(self) -> int: ...
+    def drop(self, seq_id: int, start: int = 0, end: int | None = None) -> None:
+        """Drop a sequence id from its cells at positions start .. end - 1 (None: to its end)."""
+        ...
+
+    def can_continue(self, seq_id: int, n: int) -> bool:
+        """Whether a sequence sharing `seq_id`'s first n cells can be computed on from there."""
+        ...
 
     def grammar(self, gbnf: str) -> Grammar:
         """A fresh grammar constraint; raises InvalidRequest(param="grammar") on bad GBNF."""

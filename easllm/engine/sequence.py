@@ -28,6 +28,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.slot: int | None = None  # its sequence id in the KV cache while running
         self.num_cached = 0  # leading tokens whose keys and values are in the KV cache
+        self.num_cached_prompt: int | None = None  # prompt tokens the prefix cache gave at admission
         self.finish_reason: FinishReason | None = None
         self._vocab = vocab
         self._detokenizer = Detokenizer(vocab.piece)
@@ -78,7 +79,8 @@ class Sequence:
         text = ""
         if reason is not FinishReason.ABORT:
             text = self._stops.push(self._detokenizer.flush()) + self._stops.flush()
-        usage = Usage(self.num_prompt_tokens, self.num_generated)
+        cached = min(self.num_cached_prompt or 0, self.num_prompt_tokens)
+        usage = Usage(self.num_prompt_tokens, self.num_generated, cached)
         return TokenDelta(self.request_id, text, [], reason, usage)
 
     def _token_logprob(self, sample: Sample) -> TokenLogprob:

@@ -62,6 +62,7 @@ class RoundRecord:
                 "prompt_tokens": self.usage.prompt_tokens,
                 "completion_tokens": self.usage.completion_tokens,
                 "total_tokens": self.usage.total_tokens,
+                "cached_tokens": self.usage.cached_tokens,
             },
             "latency": round(self.latency, 6),
             "time_to_first_token": None

@@ -116,6 +116,7 @@ def usage_dict(usage: Usage) -> dict[str, int]:
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
+        "cached_tokens": usage.cached_tokens,  # prompt tokens whose KV came from the prefix cache
     }
 
 

@@ -22,6 +22,7 @@ class ChoiceOutput:
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the prefix cache gave this choice
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,20 @@ class Envelope:
         return out
 
 
-def usage_dict(usage: Usage) -> dict[str, int]:
+def usage_dict(usage: Usage) -> dict[str, Any]:
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},  # OpenAI's own field
     }
+
+
+def request_usage(prompt_tokens: int, choices: list[Usage]) -> Usage:
+    """One request's usage over its choices: each choice's answer counts; the prompt, once, and
+    cached as far as every choice found it cached."""
+    cached = min((u.cached_tokens for u in choices), default=0)
+    return Usage(prompt_tokens, sum(u.completion_tokens for u in choices), cached)
 
 
 def finish(reason: FinishReason | None) -> str | None:

@@ -186,6 +186,19 @@ class EngineCollector(Collector):
         steps = d.get("steps")
         if isinstance(steps, int):
             yield CounterMetricFamily("easllm_engine_steps", "Engine forward passes", value=steps)
+        cached = d.get("kv_cells_cached")
+        if isinstance(cached, int):
+            yield GaugeMetricFamily(
+                "easllm_kv_cache_cached_cells", "KV cache cells only cached prefixes hold", value=cached
+            )
+        queries, hits = d.get("prefix_cache_queries_total"), d.get("prefix_cache_hits_total")
+        if isinstance(queries, int) and isinstance(hits, int):  # tokens, as vLLM's prefix_cache_*
+            yield CounterMetricFamily(
+                "easllm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", value=queries
+            )
+            yield CounterMetricFamily(
+                "easllm_prefix_cache_hits", "Prompt tokens found in the prefix cache", value=hits
+            )
 
 
 class KnowledgeCollector(Collector):

@@ -146,9 +146,10 @@ def stats_line(usage: Usage | None, seconds: float, first_token: float, finish: 
     ended = {"stop": "finished", "length": "stopped at max new tokens", "abort": "stopped"}.get(
         finish or "", finish or ""
     )
+    cached = f" ({usage.cached_tokens} cached)" if usage.cached_tokens else ""
     return (
         f"{plural(n, 'token')} in {seconds:.1f} s (first after {first_token:.1f} s, {rate:.1f} tokens/s) · "
-        f"prompt {plural(usage.prompt_tokens, 'token')} · {ended}"
+        f"prompt {plural(usage.prompt_tokens, 'token')}{cached} · {ended}"
     )
 
 

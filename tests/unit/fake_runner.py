@@ -1,8 +1,10 @@
-"""A ModelRunner without a model: it keeps a real per-slot token cache and checks how it is used.
+"""A ModelRunner without a model: it keeps a real KV cache of shared cells and checks how it is used.
 
-Its "model" picks the next token from everything in the slot's cache, so a scheduler that feeds
-a wrong token, position or slot changes the text. `reference` generates the same text the
-slow, obvious way, for comparison.
+Each sequence id holds a list of cells by position; a cell is an object that several sequence ids
+may share (`copy`, as llama.cpp's `llama_memory_seq_cp`), and the cache counts a shared cell once.
+Its "model" picks the next token from everything in the sequence id's cells, so a scheduler or a
+prefix cache that feeds a wrong token, position or slot, or shares the wrong cells, changes the
+text. `reference` generates the same text the slow, obvious way, for comparison.
 """
 
 from __future__ import annotations
@@ -87,18 +89,32 @@ class FakeGrammar:
         self.closed = True
 
 
+class Cell:
+    __slots__ = ("token",)
+
+    def __init__(self, token: int) -> None:
+        self.token = token
+
+
 class FakeRunner:
     def __init__(
-        self, max_seqs: int = 4, max_batch_tokens: int = 16, kv_cells: int = 256, delay: float = 0.0
+        self,
+        max_seqs: int = 4,
+        max_batch_tokens: int = 16,
+        kv_cells: int = 256,
+        delay: float = 0.0,
+        num_seq_ids: int | None = None,
     ) -> None:
         self.vocab = FakeVocab()
         self.delay = delay  # seconds per forward pass
         self.max_seqs = max_seqs
+        self.num_seq_ids = num_seq_ids or 4 * max_seqs
         self.max_batch_tokens = max_batch_tokens
         self.kv_cells = kv_cells
-        self.cache: dict[int, list[int]] = {}  # slot -> tokens at positions 0, 1, ...
+        self.cache: dict[int, list[Cell | None]] = {}  # seq id -> its cells at positions 0, 1, ...
         self.batches: list[list[tuple[str, int, int]]] = []  # per run: (request id, start, n tokens)
-        self.released: list[int] = []
+        self.released: list[int] = []  # seq ids dropped whole
+        self.copies: list[tuple[int, int, int, int]] = []  # (src, dst, start, end)
         self.grammars: list[FakeGrammar] = []
         self.fail_next: Exception | None = None
         self.closed = False
@@ -117,12 +133,15 @@ class FakeRunner:
         self.batches.append([(c.seq.request_id, c.start, len(c.token_ids)) for c in batch.chunks])
         rows = []
         for chunk in batch.chunks:
-            assert chunk.seq.slot is not None and 0 <= chunk.seq.slot < self.max_seqs
+            assert chunk.seq.slot is not None and 0 <= chunk.seq.slot < self.num_seq_ids
             cache = self.cache.setdefault(chunk.seq.slot, [])
             assert chunk.start == len(cache), "a chunk must continue its slot's cache"
-            cache.extend(chunk.token_ids)
+            assert None not in cache, "a hole in the slot's cells"
+            tokens = [c.token for c in cache if c is not None]
+            assert tokens == chunk.seq.token_ids[: chunk.start], "the slot's cells are another text"
+            cache.extend(Cell(t) for t in chunk.token_ids)
             if chunk.samples:
-                rows.append(self._logits(cache))
+                rows.append(self._logits(tokens + chunk.token_ids))
         return rows
 
     def _logits(self, tokens: list[int]) -> np.ndarray:
@@ -130,12 +149,29 @@ class FakeRunner:
         row[next_token(tokens)] = 8.0
         return row
 
-    def release(self, slot: int) -> None:
-        self.cache.pop(slot, None)
-        self.released.append(slot)
+    def copy(self, src: int, dst: int, start: int, end: int) -> None:
+        source, target = self.cache.get(src, []), self.cache.setdefault(dst, [])
+        assert len(source) >= end and None not in source[start:end], "copying cells src lacks"
+        assert len(target) == start or all(c is None for c in target[start:end]), "dst holds cells there"
+        target[start:end] = source[start:end]
+        self.copies.append((src, dst, start, end))
+
+    def drop(self, seq_id: int, start: int = 0, end: int | None = None) -> None:
+        cells = self.cache.get(seq_id, [])
+        if end is None or end >= len(cells):
+            del cells[start:]
+        else:
+            cells[start:end] = [None] * (end - start)
+        if not cells:
+            self.cache.pop(seq_id, None)
+            if start == 0:
+                self.released.append(seq_id)
+
+    def can_continue(self, seq_id: int, n: int) -> bool:
+        return len(self.cache.get(seq_id, [])) >= n
 
     def kv_cells_used(self) -> int:
-        return sum(len(c) for c in self.cache.values())
+        return len({id(c) for cells in self.cache.values() for c in cells if c is not None})
 
     def grammar(self, gbnf: str) -> FakeGrammar:
         if not gbnf or not set(gbnf) <= set(LETTERS):
@@ -145,6 +181,7 @@ class FakeRunner:
         return grammar
 
     def close(self) -> None:
+        self.cache.clear()  # as a closed llama.cpp context: an engine started again finds it empty
         self.closed = True
 
 
@@ -154,9 +191,14 @@ class FakeBatchingEngine(BatchingEngine):
     name = "fake-batching"
 
     def __init__(
-        self, runner: FakeRunner | None = None, context_length: int = 128, max_queue: int = 16
+        self,
+        runner: FakeRunner | None = None,
+        context_length: int = 128,
+        max_queue: int = 16,
+        prefix_cache: bool = True,
     ) -> None:
-        super().__init__("fake-batching-model", EngineConfig(engine="fake", max_queue=max_queue))
+        config = EngineConfig(engine="fake", max_queue=max_queue, prefix_cache=prefix_cache)
+        super().__init__("fake-batching-model", config)
         self.fake_runner = runner or FakeRunner()
         self.context_length = context_length
 
@@ -168,8 +210,10 @@ class FakeBatchingEngine(BatchingEngine):
         return encode(text) if add_special else encode(text)[1:]
 
 
-def offline_engine(runner: FakeRunner | None = None, context_length: int = 128) -> FakeBatchingEngine:
+def offline_engine(
+    runner: FakeRunner | None = None, context_length: int = 128, prefix_cache: bool = True
+) -> FakeBatchingEngine:
     """An engine with its model attached but no thread: call `step()` by hand."""
-    engine = FakeBatchingEngine(runner, context_length)
+    engine = FakeBatchingEngine(runner, context_length, prefix_cache=prefix_cache)
     engine.attach(*engine._load())
     return engine

@@ -1,5 +1,7 @@
 """`easllm serve` flags of the batching engine map onto EngineConfig; bad values are refused."""
 
+import os
+
 import pytest
 
 from easllm.cli import build_parser, configs_from
@@ -31,3 +33,33 @@ def test_bad_values_exit_with_usage(flags: list[str], capsys: pytest.CaptureFixt
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["serve", *flags])
     assert exit_.value.code == 2 and flags[0] in capsys.readouterr().err
+
+
+def test_prefix_cache_is_on_unless_no_prefix_cache() -> None:
+    assert engine_config().prefix_cache is True
+    assert engine_config("--no-prefix-cache").prefix_cache is False
+
+
+def test_omp_wait_policy_defaults_to_openmps_own_and_refuses_others(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert engine_config().omp_wait_policy == "auto"
+    assert engine_config("--omp-wait-policy", "passive").omp_wait_policy == "passive"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--omp-wait-policy", "spin"])
+    assert "--omp-wait-policy" in capsys.readouterr().err
+
+
+def test_omp_wait_policy_sets_the_environment_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from easllm.engine.backends.llamacpp import set_omp_wait_policy
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    set_omp_wait_policy("auto")
+    assert "OMP_WAIT_POLICY" not in os.environ  # OpenMP's own default, as llama-server
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    set_omp_wait_policy("auto")
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # the environment's choice stays
+    set_omp_wait_policy("passive")
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    with pytest.raises(ValueError, match="omp_wait_policy"):
+        set_omp_wait_policy("spin")

@@ -231,7 +231,8 @@ async def test_a_stream_closed_early_is_recorded_as_aborted_with_its_partial_tex
                 break  # the user pressed Stop
     (record,) = history.lines
     assert record["finish_reason"] == "abort" and record["response"] == "ab"
-    assert record["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "cached_tokens": 0}
+    assert record["usage"] == usage
     assert record["session"] == "s1" and record["api"] == "webui" and record["client"] is None
     assert (
         rounds.metrics.registry.get_sample_value(

@@ -164,6 +164,7 @@ def test_chat_reply_usage_and_stop_finish(client: TestClient, engine: FakeEngine
         "prompt_tokens": len(engine.tokenize(prompt)),
         "completion_tokens": 1,
         "total_tokens": len(engine.tokenize(prompt)) + 1,
+        "prompt_tokens_details": {"cached_tokens": 0},
     }
 
 
@@ -471,7 +472,12 @@ def test_completion_uses_the_raw_prompt(client: TestClient, engine: FakeEngine) 
     (choice,) = data["choices"]
     assert choice == {"index": 0, "text": "You said: Once [eos].", "logprobs": None, "finish_reason": "stop"}
     assert engine.requests[-1].prompt_token_ids == engine.tokenize("Once [eos]")
-    assert data["usage"] == {"prompt_tokens": 11, "completion_tokens": 1, "total_tokens": 12}
+    assert data["usage"] == {
+        "prompt_tokens": 11,
+        "completion_tokens": 1,
+        "total_tokens": 12,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 def test_completion_works_on_a_model_without_chat_template() -> None:

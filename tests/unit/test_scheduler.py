@@ -132,12 +132,13 @@ def test_a_full_kv_cache_preempts_the_newest_sequence_which_resumes_with_the_sam
     for p in prompts:
         assert results[p].text == reference(encode(p), 14)
         assert results[p].usage.completion_tokens == len(results[p].text)
-    assert runner.kv_cells_used() == 0
+    assert runner.kv_cells_used() == engine.scheduler.cache.cells_cached > 0  # only cached prefixes
+    assert engine.scheduler.cache.cells_locked == 0
 
 
-def test_abort_frees_the_slot_and_its_kv_cells() -> None:
-    runner = FakeRunner(max_seqs=2, max_batch_tokens=64)
-    engine = offline_engine(runner)
+def test_abort_frees_the_slot_and_its_kv_cells_without_the_prefix_cache() -> None:
+    runner = FakeRunner(max_seqs=2, max_batch_tokens=64, num_seq_ids=2)
+    engine = offline_engine(runner, prefix_cache=False)
     submit(engine, "hello there", max_new_tokens=50)
     submit(engine, "the quick", max_new_tokens=50)
     submit(engine, "a", max_new_tokens=3)
@@ -188,7 +189,7 @@ def test_finish_by_end_of_sequence_token() -> None:
     submit(engine, prompt)
     r = run(engine)[prompt]
     assert r.finish is FinishReason.STOP and r.text == "" and r.usage == Usage(5, 0)
-    assert engine.fake_runner.kv_cells_used() == 0
+    assert engine.fake_runner.kv_cells_used() == engine.scheduler.cache.cells_cached == 5
 
 
 def test_finish_by_stop_string_cuts_the_text() -> None:

@@ -85,6 +85,7 @@ async def test_start_passes_model_tensor_parallel_context_and_dtype(fake_vllm, m
         "dtype": "bfloat16",
         "max_num_seqs": 16,
         "gpu_memory_utilization": 0.9,
+        "enable_prefix_caching": True,
         "disable_log_stats": True,
     }
     info = engine.model_info
@@ -331,3 +332,10 @@ def test_openai_stream_through_the_app(fake_vllm, model_dir: Path, monkeypatch: 
     rendered = "".join(chr(i) for i in prompt["prompt_token_ids"][1:])
     assert rendered == "<user>hi<assistant>"  # the tokenizer's chat template, then its tokens
     assert params.kwargs["max_tokens"] == 8
+
+
+def test_no_prefix_cache_flag_turns_vllms_prefix_caching_off(tmp_path: Path) -> None:
+    _, engine = configs_from(build_parser().parse_args(["serve", "--engine", "vllm", "--no-prefix-cache"]))
+    assert engine_args(tmp_path, engine)["enable_prefix_caching"] is False
+    _, default = configs_from(build_parser().parse_args(["serve", "--engine", "vllm"]))
+    assert engine_args(tmp_path, default)["enable_prefix_caching"] is True

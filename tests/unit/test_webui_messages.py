@@ -74,6 +74,8 @@ def test_stats_line_and_file_rows() -> None:
     one = stats_line(Usage(prompt_tokens=1, completion_tokens=1), 0.5, 0.5, "stop")
     assert one == "1 token in 0.5 s (first after 0.5 s, 0.0 tokens/s) · prompt 1 token · finished"
     assert stats_line(None, 1.0, 1.0, None) == ""
+    again = stats_line(Usage(prompt_tokens=40, completion_tokens=1, cached_tokens=31), 0.5, 0.5, "stop")
+    assert "prompt 40 tokens (31 cached) · finished" in again  # the prefix cache's share
     files = [
         StoredFile("b.pdf", "pdf", 3 * 1024 * 1024, 9, 4, 0.0, "x"),
         StoredFile("A.md", "md", 100, 2, None, 0.0, "y"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,23 @@ from easllm.errors import NotReady
 
 log = logging.getLogger(__name__)
 
-# llama.cpp's OpenMP threads sleep at barriers instead of spinning, unless the environment says
-# otherwise (OMP_WAIT_POLICY=ACTIVE). Spinning stalled decode steps for seconds whenever anything
-# else wanted the cores: measured 4-19 vs 17-28 tokens/s single-stream on a shared 2-core machine.
-# libgomp reads this once, when llama_cpp is first imported, which happens after this line.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+OMP_WAIT_POLICIES = ("auto", "active", "passive")
+
+
+def set_omp_wait_policy(policy: str) -> None:
+    """How llama.cpp's OpenMP threads wait at barriers. `auto` leaves OpenMP's own default (spin a
+    little, then sleep: what llama-server runs with) or the environment's OMP_WAIT_POLICY;
+    `passive` sleeps at once, for a machine shared with other busy processes (spinning stalled
+    decode steps there), `active` always spins. Measured on a quiet 2-core machine, gemma3-270m:
+    PASSIVE 33 tok/s single stream against 60 with ACTIVE. libgomp reads the variable once, when
+    llama_cpp is first imported."""
+    if policy not in OMP_WAIT_POLICIES:
+        raise ValueError(f"omp_wait_policy must be one of {', '.join(OMP_WAIT_POLICIES)}")
+    if policy == "auto":
+        return
+    if "llama_cpp" in sys.modules and os.environ.get("OMP_WAIT_POLICY", "").lower() != policy:
+        log.warning("llama_cpp is already loaded: OMP_WAIT_POLICY=%s takes effect on restart", policy.upper())
+    os.environ["OMP_WAIT_POLICY"] = policy.upper()
 
 
 def default_threads() -> int:
@@ -30,6 +43,7 @@ class LlamaCppEngine(BatchingEngine):
 
     def __init__(self, gguf_path: Path, config: EngineConfig, display_name: str) -> None:
         super().__init__(display_name, config)
+        set_omp_wait_policy(config.omp_wait_policy)
         self.gguf_path = gguf_path
         self._model: Any = None
         self._add_bos = False

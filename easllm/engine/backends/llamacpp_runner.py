@@ -1,8 +1,10 @@
 """llama.cpp ModelRunner: one `llama_decode` over a batch mixing prefill chunks and decode tokens.
 
-One context with `n_seq_max` sequences in one unified KV cache of `kv_cells` cells: every slot
-is a llama.cpp `seq_id`, any sequence may use any free cell, and a finished sequence's cells are
-dropped with `llama_memory_seq_rm`.
+One context with `n_seq_max` sequence ids in one unified KV cache of `kv_cells` cells: every
+running sequence is a llama.cpp `seq_id`, any sequence may use any free cell, and several ids may
+share cells (`llama_memory_seq_cp`): the prefix cache (`engine/prefix_cache.py`) keeps finished
+sequences' cells under idle ids, so there are more ids than running sequences, and drops them
+with `llama_memory_seq_rm`.
 """
 
 from __future__ import annotations
@@ -89,13 +91,16 @@ class LlamaCppRunner:
             path_model=str(gguf_path), params=llama_cpp.llama_model_default_params(), verbose=False
         )
         self.context_length = min(config.ctx_size, self.model.n_ctx_train())
-        self.max_seqs = max(1, min(config.max_batch, llama_cpp.llama_max_parallel_sequences()))
+        most_ids = llama_cpp.llama_max_parallel_sequences()
+        self.max_seqs = max(1, min(config.max_batch, most_ids - int(config.prefix_cache)))
+        # cached prefixes each keep an idle id: 3 per running sequence (16 conversations on 8 slots)
+        self.num_seq_ids = min(most_ids, 4 * self.max_seqs) if config.prefix_cache else self.max_seqs
         self.max_batch_tokens = max(config.max_batch_tokens, self.max_seqs)
         kv_cells = config.kv_size or self.context_length * min(4, self.max_seqs)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = max(kv_cells, self.context_length)
         params.n_batch = params.n_ubatch = self.max_batch_tokens
-        params.n_seq_max = self.max_seqs
+        params.n_seq_max = self.num_seq_ids
         params.n_threads = params.n_threads_batch = threads
         params.kv_unified = True  # one pool of cells for all sequences, each may grow to the whole
         params.swa_full = False  # sliding-window layers keep only their window: less memory
@@ -103,6 +108,7 @@ class LlamaCppRunner:
         self._context = _internals.LlamaContext(model=self.model, params=params, verbose=False)
         self._ctx = self._context.ctx
         self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._n_swa = int(llama_cpp.llama_model_n_swa(self.model.model)) if self._has_swa() else 0
         self.kv_cells = llama_cpp.llama_n_ctx(self._ctx)
         self.vocab = LlamaVocab(self.model.vocab)
         self._batch = _LlamaBatch(self.max_batch_tokens)
@@ -140,12 +146,21 @@ class LlamaCppRunner:
             for i in outputs
         ]
 
-    def release(self, slot: int) -> None:
-        self._llama.llama_memory_seq_rm(self._memory, slot, -1, -1)
+    def copy(self, src: int, dst: int, start: int, end: int) -> None:
+        self._llama.llama_memory_seq_cp(self._memory, src, dst, start, end)
 
-    def kv_cells_used(self) -> int:
-        pos_max = self._llama.llama_memory_seq_pos_max
-        return sum(pos_max(self._memory, slot) + 1 for slot in range(self.max_seqs))
+    def drop(self, seq_id: int, start: int = 0, end: int | None = None) -> None:
+        self._llama.llama_memory_seq_rm(self._memory, seq_id, start, -1 if end is None else end)
+
+    def can_continue(self, seq_id: int, n: int) -> bool:
+        """Sliding-window layers overwrite cells outside every holder's window: continuing at
+        position n needs the last window before it (llama-server's check)."""
+        if self._n_swa <= 0:
+            return True
+        return self._llama.llama_memory_seq_pos_min(self._memory, seq_id) <= max(0, n - self._n_swa)
+
+    def _has_swa(self) -> bool:
+        return hasattr(self._llama, "llama_model_n_swa")
 
     def grammar(self, gbnf: str) -> LlamaGrammar:
         return LlamaGrammar(self.model.vocab, self.vocab.size, gbnf)

@@ -91,6 +91,7 @@ def engine_args(model_dir: Path, config: EngineConfig) -> dict[str, Any]:
         "dtype": DTYPES.get(config.precision or "", "auto"),
         "max_num_seqs": config.max_batch,
         "gpu_memory_utilization": config.gpu_memory_utilization,
+        "enable_prefix_caching": config.prefix_cache,  # on by default, as in `vllm serve`
         "disable_log_stats": True,
     }
 

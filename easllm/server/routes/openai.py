@@ -38,6 +38,7 @@ from easllm.protocol.openai_replies import (
     completion_logprobs,
     embedding_list,
     model_card,
+    request_usage,
     usage_chunk,
 )
 from easllm.protocol.schema import json_body
@@ -103,7 +104,7 @@ async def chat_completions(request: Request) -> Response:
     outputs = await unless_disconnected(collect_choices(streams), request)
     if outputs is None:
         return Response(status_code=499)
-    usage = Usage(prompt_tokens, sum(c.completion_tokens for c in outputs))
+    usage = request_usage(prompt_tokens, [Usage(0, c.completion_tokens, c.cached_tokens) for c in outputs])
     return JSONResponse(chat_completion(env, outputs, usage, top, **extra))
 
 
@@ -120,16 +121,16 @@ async def chat_events(
         yield chat_chunk(
             env, index, {"role": "assistant", "content": ""}, include_usage=include_usage, **extra
         )
-    completion_tokens = 0
+    usages: list[Usage] = []
     async for index, delta in deltas:
         logprobs = chat_logprobs(delta.logprobs, top) if top is not None and delta.logprobs else None
         if delta.text or logprobs or delta.finish_reason is not None:
             content = {"content": delta.text} if delta.text else {}
             yield chat_chunk(env, index, content, delta.finish_reason, logprobs, include_usage)
         if delta.usage is not None:
-            completion_tokens += delta.usage.completion_tokens
+            usages.append(delta.usage)
     if include_usage:
-        yield usage_chunk(env, Usage(prompt_tokens, completion_tokens))
+        yield usage_chunk(env, request_usage(prompt_tokens, usages))
 
 
 @router.post("/completions", response_model=None, openapi_extra=json_body(CompletionRequest))
@@ -166,7 +167,7 @@ async def completions(request: Request) -> Response:
     outputs = await unless_disconnected(collect_choices(streams), request)
     if outputs is None:
         return Response(status_code=499)
-    usage = Usage(prompt_tokens, sum(c.completion_tokens for c in outputs))
+    usage = request_usage(prompt_tokens, [Usage(0, c.completion_tokens, c.cached_tokens) for c in outputs])
     for out, echo in zip(outputs, echoes, strict=True):
         out.text = echo + out.text
     return JSONResponse(completion(env, outputs, usage, logprobs, [len(e) for e in echoes]))
@@ -184,7 +185,7 @@ async def completion_events(
         if echo:
             yield completion_chunk(env, index, echo, include_usage=include_usage)
     offsets = [len(e) for e in echoes]
-    completion_tokens = 0
+    usages: list[Usage] = []
     async for index, delta in deltas:
         entries = delta.logprobs or []
         if delta.text or entries or delta.finish_reason is not None:
@@ -192,9 +193,9 @@ async def completion_events(
             offsets[index] += sum(len(e.token) for e in entries)
             yield completion_chunk(env, index, delta.text, delta.finish_reason, lp, include_usage)
         if delta.usage is not None:
-            completion_tokens += delta.usage.completion_tokens
+            usages.append(delta.usage)
     if include_usage:
-        yield usage_chunk(env, Usage(prompt_tokens, completion_tokens))
+        yield usage_chunk(env, request_usage(prompt_tokens, usages))
 
 
 @router.post("/embeddings", openapi_extra=json_body(EmbeddingRequest))
@@ -241,6 +242,7 @@ async def collect_choices(streams: Sequence[AsyncIterator[TokenDelta]]) -> list[
         if delta.finish_reason is not None:
             out.finish_reason = delta.finish_reason
             out.completion_tokens = delta.usage.completion_tokens if delta.usage else 0
+            out.cached_tokens = delta.usage.cached_tokens if delta.usage else 0
     return outputs
 
 
