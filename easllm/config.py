@@ -78,6 +78,7 @@ class ServerConfig:
     log_format: str = "text"  # text | json
     metrics_public: bool = False  # /metrics without the token
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; none: CORS closed
+    allowed_hosts: tuple[str, ...] = ()  # Host names a loopback-bound server answers besides loopback ones
     export_history_path: Path | None = None
     export_interval: float = 3600.0
     data_dir: Path | None = None  # knowledge base and other state; None: EASLLM_HOME/services/<name>

@@ -13,7 +13,6 @@ GET    /api/machine, /api/models
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -25,6 +24,7 @@ from easllm.control.logs import follow, replica_logs, tail_lines
 from easllm.control.registry import UnknownService
 from easllm.control.spec import parse_spec
 from easllm.errors import InvalidRequest
+from easllm.protocol.validation import load_json
 from easllm.server.auth import token_matches
 
 
@@ -42,10 +42,7 @@ def _controller(request: Request) -> Controller:
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
-    try:
-        data = json.loads(await request.body() or b"null")
-    except ValueError as exc:
-        raise InvalidRequest(f"the body is not valid JSON: {exc}", None) from exc
+    data = load_json(await request.body() or b"null")
     if not isinstance(data, dict):
         raise InvalidRequest("the body must be a JSON object", None)
     return data
