@@ -61,6 +61,7 @@ class LimitsConfig:
     max_upload_files: int = 32  # files per knowledge-base upload, each up to KnowledgeConfig.max_file_mb
     max_connections: int = 512  # HTTP requests in progress plus open WebSockets; one more gets 503
     ws_max_pending: int = 64  # messages one WebSocket may queue unanswered; one more closes it (1008)
+    body_timeout: float = 60.0  # seconds for an ordinary body, and for each piece of an upload (408)
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,17 @@ from easllm.control.registry import UnknownService
 from easllm.control.spec import parse_spec
 from easllm.errors import InvalidRequest
 from easllm.protocol.validation import load_json
-from easllm.server.auth import token_matches
+from easllm.server.auth import raise_unless, token_verdict
 
 
 async def require_admin(request: Request) -> None:
     token: str = request.app.state.console.config.admin_token
-    if not token_matches(request.headers.get("authorization"), token):
-        raise HTTPException(401, "missing or wrong admin token (Authorization: Bearer <admin token>)")
+    failures = request.app.state.failed_tokens
+    client = request.client.host if request.client else None
+    verdict = token_verdict(failures, client, token, request.headers.get("authorization"))
+    raise_unless(
+        verdict, failures, client, "missing or wrong admin token (Authorization: Bearer <admin token>)"
+    )
 
 
 router = APIRouter(prefix="/api", dependencies=[Depends(require_admin)], tags=["console"])
@@ -42,7 +46,7 @@ def _controller(request: Request) -> Controller:
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
-    data = load_json(await request.body() or b"null")
+    data = load_json(await request.body() or b"null", None)
     if not isinstance(data, dict):
         raise InvalidRequest("the body must be a JSON object", None)
     return data

@@ -30,14 +30,14 @@ def invalid_request_from(exc: ValidationError) -> InvalidRequest:
     return InvalidRequest(f"{where}: {first.get('msg', 'invalid value')}", param=param)
 
 
-def load_json(body: bytes | str) -> Any:
+def load_json(body: bytes | str, param: str | None = "body") -> Any:
     """Parse a request body; any parse error, including nesting too deep for Python's parser, is a 400."""
     try:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"the body is not valid JSON: {exc}", "body") from exc
+        raise InvalidRequest(f"the body is not valid JSON: {exc}", param) from exc
     except RecursionError as exc:
-        raise InvalidRequest("the JSON body is nested too deeply", "body") from exc
+        raise InvalidRequest("the JSON body is nested too deeply", param) from exc
 
 
 def validate(model: Any, data: Any) -> Any:

@@ -96,13 +96,16 @@ class BrowserGuard:
             await _refuse(
                 scope,
                 send,
-                f"requests from the page {origin[:100]!r} are refused (allowed origins are set with --cors-origin)",
+                f"requests from the page {origin[:100]!r} are refused "
+                "(allowed origins are set with --cors-origin)",
                 "origin",
             )
             return
         await self.app(scope, receive, send)
 
     def _host_allowed(self, scope: Scope, host: str) -> bool:
+        if not host:  # HTTP/1.0 without Host: not a browser
+            return True
         name = host_name(host)
         server = scope.get("server")
         reached_as = str(server[0]).lower() if server else None  # the name the client connected to

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
+
 from starlette.requests import Request
 
 from easllm.chat.service import Answer, collect

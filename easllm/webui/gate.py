@@ -5,6 +5,8 @@ streams) and embeds its API description in the login page. This gate wraps the m
 app and answers 401 to everything but the login page's shell (the HTML, its scripts, styles and
 fonts, and the login call itself) until the browser holds a session cookie that Gradio issued
 after a correct token. Fails closed: if Gradio's session store cannot be read, nobody passes.
+Logins count toward the client's failed tokens (`server/lockout.py`): a locked-out client's
+login is answered 429 without being tried.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import json
 import logging
 
 from starlette.requests import cookie_parser
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from easllm.server.lockout import FailedTokens, lockout_message
 
 log = logging.getLogger(__name__)
 
@@ -37,39 +41,43 @@ OPEN_EXACT = frozenset(
 OPEN_PREFIXES = ("/assets/", "/static/", "/svelte/")
 
 
+LOGIN_PATHS = frozenset({"/login", "/login/"})
+
+
 class WebUIGate:
-    def __init__(self, app: ASGIApp, gradio_app: object) -> None:
+    def __init__(self, app: ASGIApp, gradio_app: object, failures: FailedTokens | None = None) -> None:
         self.app = app
         self.gradio_app = gradio_app
+        self.failures = failures or FailedTokens()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST" and route_path(scope) in LOGIN_PATHS:
+            await self._login(scope, receive, send)
+            return
         if scope["type"] not in ("http", "websocket") or self._allowed(scope):
             await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008, "reason": "log in to the WebUI first"})
             return
-        body = json.dumps(
-            {
-                "error": {
-                    "message": "log in to the WebUI first (the service token is the password)",
-                    "type": "authentication_error",
-                    "param": None,
-                    "code": 401,
-                }
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await _refuse(send, 401, "log in to the WebUI first (the service token is the password)")
+
+    async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = scope["client"][0] if scope.get("client") else None
+        wait = self.failures.locked_for(client)
+        if wait:
+            await _refuse(send, 429, lockout_message(wait), [(b"retry-after", str(int(wait) + 1).encode())])
+            return
+
+        async def observed(message: Message) -> None:
+            if message["type"] == "http.response.start":  # Gradio: 200 logged in, 400 wrong password
+                if message["status"] == 200:
+                    self.failures.succeeded(client)
+                elif message["status"] < 500:
+                    self.failures.failed(client)
+            await send(message)
+
+        await self.app(scope, receive, observed)
 
     def _allowed(self, scope: Scope) -> bool:
         path = route_path(scope)
@@ -89,6 +97,16 @@ class WebUIGate:
             if value and value in tokens:
                 return True
         return False
+
+
+async def _refuse(
+    send: Send, status: int, message: str, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    kind = {401: "authentication_error", 429: "rate_limit_error"}[status]
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})
+    await send({"type": "http.response.body", "body": body})
 
 
 def route_path(scope: Scope) -> str:

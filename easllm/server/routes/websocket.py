@@ -22,9 +22,10 @@ from easllm.engine.base import EngineError, EngineOverloaded
 from easllm.engine.types import TokenDelta
 from easllm.errors import InvalidRequest, NotReady, TooLarge
 from easllm.protocol.eas import EasRequest, RoundReplies, parse_eas_body
-from easllm.server.auth import token_matches
+from easllm.server.auth import token_verdict
 from easllm.server.errors import error_body, error_response
 from easllm.server.limits import body_limit
+from easllm.server.lockout import lockout_message
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -58,25 +59,27 @@ class PendingBytes:
 @router.websocket("/")
 async def dialogue_socket(websocket: WebSocket) -> None:
     config: ServerConfig = websocket.app.state.config
-    if config.token and not _authorized(websocket, config.token):
-        await _refuse(websocket)
-        return
+    if config.token:
+        # Browsers cannot set headers on a WebSocket: they pass ?token= instead.
+        client = websocket.client.host if websocket.client else None
+        failures = websocket.app.state.failed_tokens
+        presented = (websocket.headers.get("authorization"), websocket.query_params.get("token"))
+        verdict = token_verdict(failures, client, config.token, *presented)
+        if verdict != 200:
+            await _refuse(websocket, verdict, failures.locked_for(client))
+            return
     await websocket.accept()
     await Connection(websocket, websocket.app.state.chat, config).run()
 
 
-def _authorized(websocket: WebSocket, token: str) -> bool:
-    # Browsers cannot set headers on a WebSocket: they pass ?token= instead.
-    return token_matches(websocket.headers.get("authorization"), token) or token_matches(
-        websocket.query_params.get("token"), token
-    )
-
-
-async def _refuse(websocket: WebSocket) -> None:
+async def _refuse(websocket: WebSocket, status: int, wait: float) -> None:
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
-        await websocket.send_denial_response(
-            error_response(401, "missing or wrong token in the Authorization header or ?token=")
-        )
+        if status == 429:
+            denial = error_response(429, lockout_message(wait))
+            denial.headers["Retry-After"] = str(int(wait) + 1)
+        else:
+            denial = error_response(401, "missing or wrong token in the Authorization header or ?token=")
+        await websocket.send_denial_response(denial)
     else:  # a server without the denial-response extension answers a close before accept with 403
         await websocket.close(code=CLOSE_POLICY)
 
@@ -142,7 +145,9 @@ class Connection:
                 await self._close(CLOSE_POLICY, reason)
                 return
             if not self.all_pending.take(size):
-                await self._close(CLOSE_TRY_AGAIN, "the server holds too many unanswered messages: retry later")
+                await self._close(
+                    CLOSE_TRY_AGAIN, "the server holds too many unanswered messages: retry later"
+                )
                 return
             self.pending_bytes += size
             self.inbox.put_nowait((item, size))
