@@ -25,17 +25,15 @@ from easllm.control.registry import UnknownService
 from easllm.control.spec import parse_spec
 from easllm.errors import InvalidRequest
 from easllm.protocol.validation import load_json
-from easllm.server.auth import raise_unless, token_verdict
+from easllm.server.auth import check_token, raise_unless
 
 
 async def require_admin(request: Request) -> None:
     token: str = request.app.state.console.config.admin_token
     failures = request.app.state.failed_tokens
     client = request.client.host if request.client else None
-    verdict = token_verdict(failures, client, token, request.headers.get("authorization"))
-    raise_unless(
-        verdict, failures, client, "missing or wrong admin token (Authorization: Bearer <admin token>)"
-    )
+    verdict = await check_token(failures, client, token, request.headers.get("authorization"))
+    raise_unless(verdict, "missing or wrong admin token (Authorization: Bearer <admin token>)")
 
 
 router = APIRouter(prefix="/api", dependencies=[Depends(require_admin)], tags=["console"])

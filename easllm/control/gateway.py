@@ -29,9 +29,9 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from easllm.control.routing import NoReplica, ReplicaState, RoutingTable, ServiceRoute
 from easllm.control.runtimes.local import gateway_prefix
 from easllm.control.supervisor import Supervisor
-from easllm.server.auth import token_verdict
+from easllm.server.auth import check_token
 from easllm.server.errors import error_body, error_response
-from easllm.server.lockout import FailedTokens, lockout_message
+from easllm.server.lockout import FailedTokens, busy_message
 
 log = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
@@ -84,18 +84,16 @@ def _presented_token(headers: object, query: object, cookies: dict[str, str]) ->
     return cookies.get(COOKIE), False
 
 
-def _token_refusal(
+async def _token_refusal(
     failures: FailedTokens, client: object, expected: str, presented: str | None
-) -> tuple[int, str, str] | None:
-    """None when the token is right; else (status, message, Retry-After) of the refusal."""
-    host = getattr(client, "host", None)
-    verdict = token_verdict(failures, host, expected, presented)
+) -> tuple[int, str] | None:
+    """None when the token is right; else (status, message) of the refusal."""
+    verdict = await check_token(failures, getattr(client, "host", None), expected, presented)
     if verdict == 200:
         return None
     if verdict == 429:
-        wait = failures.locked_for(host)
-        return 429, lockout_message(wait), str(int(wait) + 1)
-    return 401, "missing or wrong token for service {service}", ""
+        return 429, busy_message()
+    return 401, "missing or wrong token for service {service}"
 
 
 def _retry_safe(method: str, path: str) -> bool:
@@ -120,13 +118,9 @@ async def predict(request: Request, service: str, path: str = "") -> Response:
     if route is None:
         return error_response(404, f"no service named {service}")
     token, from_query = _presented_token(request.headers, request.query_params, request.cookies)
-    refusal = _token_refusal(request.app.state.failed_tokens, request.client, route.token, token)
+    refusal = await _token_refusal(request.app.state.failed_tokens, request.client, route.token, token)
     if refusal is not None:
-        status, message, wait = refusal
-        response = error_response(status, message.format(service=service))
-        if wait:
-            response.headers["Retry-After"] = wait
-        return response
+        return error_response(refusal[0], refusal[1].format(service=service))
     declared = request.headers.get("content-length", "")
     small = declared.isdigit() and int(declared) <= RETRY_BODY_BYTES
     body: bytes | None = await request.body() if small or request.method in ("GET", "HEAD") else None
@@ -224,7 +218,7 @@ async def predict_socket(websocket: WebSocket, service: str, path: str = "") -> 
         await _deny(websocket, 404, f"no service named {service}")
         return
     token, _ = _presented_token(websocket.headers, websocket.query_params, websocket.cookies)
-    refusal = _token_refusal(websocket.app.state.failed_tokens, websocket.client, route.token, token)
+    refusal = await _token_refusal(websocket.app.state.failed_tokens, websocket.client, route.token, token)
     if refusal is not None:
         await _deny(websocket, refusal[0], refusal[1].format(service=service))
         return

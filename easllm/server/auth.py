@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
-from easllm.server.lockout import FailedTokens, lockout_message
+from easllm.server.lockout import FailedTokens, busy_message
 
 
 def token_matches(header: str | None, token: str) -> bool:
@@ -20,24 +20,17 @@ def token_matches(header: str | None, token: str) -> bool:
     return hmac.compare_digest(value.encode(), token.encode())
 
 
-def token_verdict(failures: FailedTokens, client: str | None, token: str, *presented: str | None) -> int:
-    """200 when a presented value is the token, 429 while the client is locked out
-    (its token is not even checked), else 401 (and, when it tried a token, one more failure)."""
+async def check_token(failures: FailedTokens, client: str | None, token: str, *presented: str | None) -> int:
+    """200 when a presented value is the token; 401 otherwise (slowed down for a client that
+    keeps failing: `server/lockout.py`); 429 when that client has too many checks under way."""
     if not any(presented):
         return 401  # no guess: nothing to slow down
-    if failures.locked_for(client):
-        return 429
-    if any(token_matches(value, token) for value in presented):
-        failures.succeeded(client)
-        return 200
-    failures.failed(client)
-    return 401
+    return await failures.check(client, lambda: any(token_matches(value, token) for value in presented))
 
 
-def raise_unless(verdict: int, failures: FailedTokens, client: str | None, missing: str) -> None:
+def raise_unless(verdict: int, missing: str) -> None:
     if verdict == 429:
-        wait = failures.locked_for(client)
-        raise HTTPException(429, lockout_message(wait), headers={"Retry-After": str(int(wait) + 1)})
+        raise HTTPException(429, busy_message(), headers={"Retry-After": "1"})
     if verdict != 200:
         raise HTTPException(401, missing)
 
@@ -48,8 +41,8 @@ async def require_token(request: Request) -> None:
         return
     failures: FailedTokens = request.app.state.failed_tokens
     client = request.client.host if request.client else None
-    verdict = token_verdict(failures, client, token, request.headers.get("authorization"))
-    raise_unless(verdict, failures, client, "missing or wrong token in the Authorization header")
+    verdict = await check_token(failures, client, token, request.headers.get("authorization"))
+    raise_unless(verdict, "missing or wrong token in the Authorization header")
 
 
 def serve_openapi(app: FastAPI, guard: Callable[[Request], Awaitable[None]]) -> None:

@@ -5,19 +5,20 @@ streams) and embeds its API description in the login page. This gate wraps the m
 app and answers 401 to everything but the login page's shell (the HTML, its scripts, styles and
 fonts, and the login call itself) until the browser holds a session cookie that Gradio issued
 after a correct token. Fails closed: if Gradio's session store cannot be read, nobody passes.
-Logins count toward the client's failed tokens (`server/lockout.py`): a locked-out client's
-login is answered 429 without being tried.
+Wrong passwords count toward the client's failed tokens (`server/lockout.py`): a client that
+keeps failing waits out a back-off before each answer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
 from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from easllm.server.lockout import FailedTokens, lockout_message
+from easllm.server.lockout import FailedTokens, busy_message
 
 log = logging.getLogger(__name__)
 
@@ -63,21 +64,23 @@ class WebUIGate:
         await _refuse(send, 401, "log in to the WebUI first (the service token is the password)")
 
     async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Gradio checks the password (200 logged in, 400 wrong); a wrong one waits out the back-off."""
         client = scope["client"][0] if scope.get("client") else None
-        wait = self.failures.locked_for(client)
-        if wait:
-            await _refuse(send, 429, lockout_message(wait), [(b"retry-after", str(int(wait) + 1).encode())])
+        if not self.failures.hold(client):
+            await _refuse(send, 429, busy_message(), [(b"retry-after", b"1")])
             return
 
         async def observed(message: Message) -> None:
-            if message["type"] == "http.response.start":  # Gradio: 200 logged in, 400 wrong password
-                if message["status"] == 200:
-                    self.failures.succeeded(client)
-                elif message["status"] < 500:
-                    self.failures.failed(client)
+            if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
+                wait = self.failures.delay(client)
+                self.failures.failed(client)
+                await asyncio.sleep(wait)
             await send(message)
 
-        await self.app(scope, receive, observed)
+        try:
+            await self.app(scope, receive, observed)
+        finally:
+            self.failures.release(client)
 
     def _allowed(self, scope: Scope) -> bool:
         path = route_path(scope)

@@ -9,6 +9,7 @@ import json
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -134,18 +135,17 @@ def test_the_console_refuses_foreign_hosts_and_foreign_pages(console: TestClient
     assert denied.value.status_code == 403
 
 
-def test_wrong_tokens_at_the_gateway_and_the_admin_api_lock_the_client_out(console: TestClient) -> None:
+def test_wrong_tokens_at_the_gateway_slow_down_the_admin_api_too(console: TestClient) -> None:
     console.app.state.console.routing.add(ServiceRoute("echo", TOKEN, 1))  # type: ignore[attr-defined]
     for _ in range(10):
-        assert (
-            console.post("/api/predict/echo", content=b"hi", headers={"Authorization": "guess"}).status_code
-            == 401
-        )
-    r = console.post("/api/predict/echo", content=b"hi", headers={"Authorization": "guess"})
-    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
-    assert console.get("/api/services", headers={"Authorization": "guess"}).status_code == 429
-    other = TestClient(console.app, base_url="http://127.0.0.1:18997", client=("10.9.8.7", 1234))
-    assert other.get("/api/services", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
+        r = console.post("/api/predict/echo", content=b"hi", headers={"Authorization": "guess"})
+        assert r.status_code == 401
+    started = time.monotonic()
+    assert console.get("/api/services", headers={"Authorization": "guess"}).status_code == 401
+    assert time.monotonic() - started >= 0.9
+    started = time.monotonic()
+    assert console.get("/api/services", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
+    assert time.monotonic() - started < 0.5
 
 
 def test_the_console_page_runs_under_a_csp_and_keeps_the_token_in_memory(console: TestClient) -> None:

@@ -78,6 +78,7 @@ def concrete(path: str) -> str:
 
 def test_every_service_route_but_the_probes_refuses_without_the_token(tmp_path: Path) -> None:
     with start(data_dir=tmp_path) as client:
+        client.app.state.failed_tokens = FailedTokens(free=10**6)  # type: ignore[attr-defined]  # no back-off
         http, sockets, mounts = routes(client.app)  # type: ignore[arg-type]
         paths = {p for _, p in http}
         assert {"/", "/metrics", "/openapi.json", "/v1/chat/completions", "/v1/knowledge/files"} <= paths

@@ -22,10 +22,10 @@ from easllm.engine.base import EngineError, EngineOverloaded
 from easllm.engine.types import TokenDelta
 from easllm.errors import InvalidRequest, NotReady, TooLarge
 from easllm.protocol.eas import EasRequest, RoundReplies, parse_eas_body
-from easllm.server.auth import token_verdict
+from easllm.server.auth import check_token
 from easllm.server.errors import error_body, error_response
 from easllm.server.limits import body_limit
-from easllm.server.lockout import lockout_message
+from easllm.server.lockout import busy_message
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -64,19 +64,18 @@ async def dialogue_socket(websocket: WebSocket) -> None:
         client = websocket.client.host if websocket.client else None
         failures = websocket.app.state.failed_tokens
         presented = (websocket.headers.get("authorization"), websocket.query_params.get("token"))
-        verdict = token_verdict(failures, client, config.token, *presented)
+        verdict = await check_token(failures, client, config.token, *presented)
         if verdict != 200:
-            await _refuse(websocket, verdict, failures.locked_for(client))
+            await _refuse(websocket, verdict)
             return
     await websocket.accept()
     await Connection(websocket, websocket.app.state.chat, config).run()
 
 
-async def _refuse(websocket: WebSocket, status: int, wait: float) -> None:
+async def _refuse(websocket: WebSocket, status: int) -> None:
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
         if status == 429:
-            denial = error_response(429, lockout_message(wait))
-            denial.headers["Retry-After"] = str(int(wait) + 1)
+            denial = error_response(429, busy_message())
         else:
             denial = error_response(401, "missing or wrong token in the Authorization header or ?token=")
         await websocket.send_denial_response(denial)
