@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 log_unknown = UnknownFieldLog(log)
 
 MAX_HISTORY_ROUNDS = 1000  # only the last --max-round reach the prompt; all are echoed in every reply
-MAX_HISTORY_CHARS = 1_000_000  # all rounds together: a stream repeats them in every chunk
+MAX_HISTORY_CHARS = 256 * 1024  # all rounds together: a stream repeats them in every chunk
 
 Round = tuple[StrictStr, StrictStr]
 
@@ -75,6 +75,8 @@ class EasRequest(BaseModel):
         if value is None:
             return []
         if isinstance(value, list):
+            if len(value) > MAX_HISTORY_ROUNDS:  # before validating each of them
+                raise ValueError(f"at most {MAX_HISTORY_ROUNDS} rounds (got {len(value)})")
             return [item for item in value if not (isinstance(item, list | tuple) and not item)]
         return value
 

@@ -53,6 +53,8 @@ def validate(model: Any, data: Any) -> Any:
 def _stop_as_list(value: Any) -> Any:
     if value is None:
         return []
+    if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:  # before validating each of them
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings (got {len(value)})")
     return [value] if isinstance(value, str) else value
 
 

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocketDisconnected
 
 from easllm.chat.dialogue import Dialogue
 from easllm.chat.service import ChatService, PreparedRound
@@ -113,7 +114,8 @@ class Connection:
             self.all_pending.give_back(self.pending_bytes)
             self.pending_bytes = 0
         error = answerer.exception() if answerer.done() and not answerer.cancelled() else None
-        if error is not None and not isinstance(error, WebSocketDisconnect):
+        # WebSocketDisconnected: an answer finished after the reader had closed the connection
+        if error is not None and not isinstance(error, WebSocketDisconnect | WebSocketDisconnected):
             log.error("websocket answerer failed", exc_info=error)
             await self._close(CLOSE_INTERNAL, "internal error")
 
@@ -164,7 +166,7 @@ class Connection:
                 await self._answer(data)
             except (InvalidRequest, NotReady, EngineError) as exc:
                 await self._send(_error(exc))
-            except WebSocketDisconnect:
+            except (WebSocketDisconnect, WebSocketDisconnected):
                 raise
             except Exception:
                 log.exception("websocket message failed")
