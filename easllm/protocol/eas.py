@@ -19,7 +19,7 @@ from easllm.chat.template import Conversation
 from easllm.config import SamplingDefaults
 from easllm.engine.types import FinishReason, SamplingParams, Usage
 from easllm.errors import InvalidRequest
-from easllm.protocol.validation import Seed, StopStrings, UnknownFieldLog, validate
+from easllm.protocol.validation import Seed, StopStrings, UnknownFieldLog, check_json_size, validate
 
 log = logging.getLogger(__name__)
 log_unknown = UnknownFieldLog(log)
@@ -97,6 +97,12 @@ def parse_eas_body(body: bytes, content_type: str | None) -> EasRequest | str:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidRequest("the request body is not valid UTF-8", "body") from exc
+    try:
+        check_json_size(body)
+    except InvalidRequest:
+        if is_json:
+            raise
+        return text  # not a request object anyone could send: the prompt itself
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -20,14 +20,14 @@ from easllm.engine.backends.fake import FakeEngine
 from easllm.engine.types import FinishReason, Usage
 from easllm.protocol import eas, openai
 from easllm.protocol.eas import MAX_HISTORY_CHARS, MAX_HISTORY_ROUNDS, RoundReplies, reply
-from easllm.protocol.validation import MAX_STOP_CHARS, MAX_STOP_STRINGS, UnknownFieldLog
+from easllm.protocol.validation import MAX_JSON_CONTAINERS, MAX_STOP_CHARS, MAX_STOP_STRINGS, UnknownFieldLog
 from easllm.server.app import create_app
 from easllm.server.lockout import FailedTokens
 from tests.apps import serving
 
 TOKEN = "hostile-token"
 AUTH = {"Authorization": TOKEN}
-DEEP = 50_000
+DEEP = 5_000  # deeper than Python's parser goes, fewer brackets than MAX_JSON_CONTAINERS
 
 
 @pytest.fixture
@@ -66,6 +66,22 @@ def nested(depth: int) -> str:
 def test_json_nested_50000_deep_is_a_400_on_every_parser(client: TestClient, path: str, body: str) -> None:
     r = client.post(path, content=body % nested(DEEP), headers={**AUTH, "Content-Type": "application/json"})
     assert "nested too deeply" in error(r, 400, "body")
+
+
+def test_bodies_with_more_arrays_than_any_request_needs_are_refused_before_parsing(
+    client: TestClient,
+) -> None:
+    body = json.dumps({"prompt": "hi", "history": [["a", "b"]] * 200_000, "use_stream_chat": True})
+    started = time.monotonic()
+    r = client.post("/", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert str(MAX_JSON_CONTAINERS) in error(r, 400, "body")
+    chat = {"messages": [{"role": "user", "content": "hi"}] * (MAX_JSON_CONTAINERS + 1)}
+    assert str(MAX_JSON_CONTAINERS) in error(
+        client.post("/v1/chat/completions", json=chat, headers=AUTH), 400, "body"
+    )
+    assert time.monotonic() - started < 5
+    text = "[" * (MAX_JSON_CONTAINERS + 1)
+    assert eas.parse_eas_body(text.encode(), "text/plain") == text  # as a plain-text prompt it is just text
 
 
 def test_json_nested_deep_over_the_websocket_is_an_error_message(client: TestClient) -> None:
