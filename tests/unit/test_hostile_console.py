@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import requests
-import uvicorn
 from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketDenialResponse
 
@@ -28,7 +27,7 @@ from easllm.control.runtimes.local import replica_env
 from easllm.control.spec import parse_spec
 from easllm.errors import InvalidRequest
 from easllm.history.export import HistoryExporter
-from tests.servers import free_port
+from tests.browser import serve_in_thread
 
 ADMIN = "admin-hostile-1"
 TOKEN = "svc-hostile-1"
@@ -41,29 +40,6 @@ def console(tmp_path: Path) -> Iterator[TestClient]:
     with TestClient(create_console_app(config, registry), base_url="http://127.0.0.1:18997") as client:
         yield client
     registry.close()
-
-
-class InThread:
-    """An ASGI app served by uvicorn on a real loopback socket, in a thread of this process."""
-
-    def __init__(self, app: object, lifespan: str = "off") -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan=lifespan, interface="asgi3"
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> InThread:
-        self.thread.start()
-        while not self.server.started:
-            threading.Event().wait(0.02)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 class CountingReplica:
@@ -90,8 +66,9 @@ def test_the_gateway_streams_a_large_body_through_instead_of_holding_it(tmp_path
     replica = CountingReplica()
     registry = Registry(f"sqlite:///{tmp_path / 'console.db'}")
     app = create_console_app(ConsoleConfig(state_dir=tmp_path, admin_token=ADMIN), registry)
-    with InThread(replica) as replica_server, InThread(app, lifespan="on") as console:
-        state = ReplicaState(1, "echo", 1, replica_server.port, "/dev/null", status="ready")
+    with serve_in_thread(replica) as replica_url, serve_in_thread(app) as console_url:  # type: ignore[arg-type]
+        port = int(replica_url.rsplit(":", 1)[1])
+        state = ReplicaState(1, "echo", 1, port, "/dev/null", status="ready")
         app.state.console.routing.add(ServiceRoute("echo", TOKEN, 1, replicas=[state]))
         piece = b"x" * 65536
 
@@ -102,11 +79,11 @@ def test_the_gateway_streams_a_large_body_through_instead_of_holding_it(tmp_path
             for _ in range(31):
                 yield piece
 
-        url = f"{console.url}/api/predict/echo/v1/knowledge/files"
+        url = f"{console_url}/api/predict/echo/v1/knowledge/files"
         r = requests.post(url, data=body(), headers={"Authorization": TOKEN}, timeout=30)
         assert r.status_code == 200 and r.json() == {"received": 32 * len(piece)}
         small = requests.post(
-            f"{console.url}/api/predict/echo/", data=b"hello", headers={"Authorization": TOKEN}
+            f"{console_url}/api/predict/echo/", data=b"hello", headers={"Authorization": TOKEN}
         )
         assert small.json() == {"received": 5}  # small bodies are still held, so they can be retried
     registry.close()
