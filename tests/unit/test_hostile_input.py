@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketDenialResponse
-from starlette.websockets import WebSocketDisconnect
+from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
 from easllm.config import LimitsConfig, SamplingDefaults, ServerConfig
 from easllm.engine.backends.fake import FakeEngine
@@ -23,6 +23,7 @@ from easllm.protocol.eas import MAX_HISTORY_CHARS, MAX_HISTORY_ROUNDS, RoundRepl
 from easllm.protocol.validation import MAX_JSON_CONTAINERS, MAX_STOP_CHARS, MAX_STOP_STRINGS, UnknownFieldLog
 from easllm.server.app import create_app
 from easllm.server.lockout import FailedTokens
+from easllm.server.routes.websocket import Connection
 from tests.apps import serving
 
 TOKEN = "hostile-token"
@@ -352,3 +353,23 @@ async def test_the_back_off_doubles_is_capped_and_bounds_checks_under_way() -> N
     now[0] = 1000.0
     del failures.delay
     assert failures.delay("c") == 0.0  # the record expired after the window
+
+
+def test_an_answer_ending_after_the_reader_closed_is_not_logged_as_a_failure(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by bench/hostile.py: the reader closed a flooding connection (1008) while a message
+    was being prepared; the answerer's reply then failed to send and was logged with a traceback."""
+
+    async def closed_under_it(self: Connection) -> None:
+        raise WebSocketDisconnected('Cannot call "send" once a close message has been sent.')
+
+    monkeypatch.setattr(Connection, "_answer_in_order", closed_under_it)
+    config = ServerConfig(token=TOKEN, data_dir=tmp_path)
+    with (
+        serving(config, FakeEngine()) as client,
+        caplog.at_level(logging.ERROR),
+        client.websocket_connect("/", headers=AUTH) as ws,
+    ):
+        ws.send_text("hi")
+    assert not [r for r in caplog.records if "answerer failed" in r.getMessage()]
