@@ -175,6 +175,11 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("EASLLM_TOKEN"),
         help="service token clients send in Authorization (default: $EASLLM_TOKEN; none = open)",
     )
+    s.add_argument(
+        "--token-file",
+        type=Path,
+        help="read the service token from this file (its first line), so it is not seen in `ps`",
+    )
     s.add_argument("--service-name", default="easllm", help="name of this service (logs, history export)")
     s.add_argument(
         "--replica-name",
@@ -326,13 +331,35 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="a browser origin (e.g. https://app.example.com, or *) allowed to call the API from its "
         "pages; repeatable. Default: none, CORS closed",
     )
+    lim.add_argument(
+        "--allowed-hosts",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="a Host name a loopback-bound server answers besides localhost, 127.0.0.1 and [::1] "
+        "(behind a proxy); repeatable or comma-separated; * turns the check off",
+    )
+
+
+def service_token(args: argparse.Namespace) -> str | None:
+    """--token, or the first line of --token-file (as llama-server's --api-key-file)."""
+    if args.token_file is None:
+        return args.token or None
+    try:
+        lines = args.token_file.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"easllm: --token-file {args.token_file}: cannot read it ({exc})") from exc
+    token = lines[0].strip() if lines else ""
+    if not token:
+        raise SystemExit(f"easllm: --token-file {args.token_file} is empty")
+    return token
 
 
 def configs_from(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
     server = ServerConfig(
         host=args.host,
         port=args.port,
-        token=args.token or None,
+        token=service_token(args),
         service_name=args.service_name,
         replica_name=args.replica_name,
         root_path=args.root_path,
@@ -362,6 +389,7 @@ def configs_from(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
             ws_max_pending=args.ws_max_pending,
         ),
         cors_origins=tuple(args.cors_origin),
+        allowed_hosts=tuple(h.strip() for value in args.allowed_hosts for h in value.split(",") if h.strip()),
     )
     engine = EngineConfig(
         model_path=args.model_path,

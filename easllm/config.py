@@ -65,6 +65,7 @@ class LimitsConfig:
     max_upload_files: int = 32  # files per knowledge-base upload, each up to KnowledgeConfig.max_file_mb
     max_connections: int = 512  # HTTP requests in progress plus open WebSockets; one more gets 503
     ws_max_pending: int = 64  # messages one WebSocket may queue unanswered; one more closes it (1008)
+    body_timeout: float = 60.0  # seconds for an ordinary body, and for each piece of an upload (408)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class ServerConfig:
     log_format: str = "text"  # text | json
     metrics_public: bool = False  # /metrics without the token
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; none: CORS closed
+    allowed_hosts: tuple[str, ...] = ()  # Host names a loopback-bound server answers besides loopback ones
     export_history_path: Path | None = None
     export_interval: float = 3600.0
     data_dir: Path | None = None  # knowledge base and other state; None: EASLLM_HOME/services/<name>

@@ -4,7 +4,7 @@ Jinja's `ImmutableSandboxedEnvironment` already stops attribute escapes (`__clas
 and mutation; `BoundedSandbox` also bounds what a hostile template can cost:
 
 - **time**: a render that runs past `RENDER_SECONDS` stops at its next function or filter call
-  (every loop needs one per outer iteration: `range`, `items`, ...);
+  or at the next step of any `for` loop (loops are rewritten to iterate through a timed filter);
 - **output**: more than `MAX_OUTPUT_CHARS` of rendered text stops the render;
 - **allocation**: `'x' * n`, `n ** m`, `'%999999999s' % x`, `'{:>999999999}'.format(x)` and
   filters or methods called with huge numbers (`center(10**9)`) are refused before they allocate.
@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from jinja2 import nodes
 from jinja2.exceptions import SecurityError
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -58,12 +59,29 @@ def _guard_filter(f: Callable[..., Any]) -> Callable[..., Any]:
     return guarded
 
 
+TIMED_ITER = "easllm_timed_iter"
+
+
+def _timed_iter(items: Any) -> Any:
+    for item in items:
+        _check_time()
+        yield item
+
+
 class BoundedSandbox(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**", "%"})
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.filters = {name: _guard_filter(f) for name, f in self.filters.items()}
+        self.filters[TIMED_ITER] = _timed_iter
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        """Every `for` loop iterates through the timed filter, so a loop without calls is bounded too."""
+        tree = super()._parse(source, name, filename)
+        for loop in tree.find_all(nodes.For):
+            loop.iter = nodes.Filter(loop.iter, TIMED_ITER, [], [], None, None, lineno=loop.lineno)
+        return tree
 
     def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         _check_time()

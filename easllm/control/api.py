@@ -14,7 +14,6 @@ GET    /api/machine, /api/models
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -26,13 +25,16 @@ from easllm.control.logs import follow, replica_logs, tail_lines
 from easllm.control.registry import UnknownService
 from easllm.control.spec import parse_spec
 from easllm.errors import InvalidRequest
-from easllm.server.auth import token_matches
+from easllm.protocol.validation import load_json
+from easllm.server.auth import check_token, raise_unless
 
 
 async def require_admin(request: Request) -> None:
     token: str = request.app.state.console.config.admin_token
-    if not token_matches(request.headers.get("authorization"), token):
-        raise HTTPException(401, "missing or wrong admin token (Authorization: Bearer <admin token>)")
+    failures = request.app.state.failed_tokens
+    client = request.client.host if request.client else None
+    verdict = await check_token(failures, client, token, request.headers.get("authorization"))
+    raise_unless(verdict, "missing or wrong admin token (Authorization: Bearer <admin token>)")
 
 
 router = APIRouter(prefix="/api", dependencies=[Depends(require_admin)], tags=["console"])
@@ -43,10 +45,7 @@ def _controller(request: Request) -> Controller:
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
-    try:
-        data = json.loads(await request.body() or b"null")
-    except ValueError as exc:
-        raise InvalidRequest(f"the body is not valid JSON: {exc}", None) from exc
+    data = load_json(await request.body() or b"null", None)
     if not isinstance(data, dict):
         raise InvalidRequest("the body must be a JSON object", None)
     return data

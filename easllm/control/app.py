@@ -6,12 +6,14 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from easllm import __version__
+from easllm.config import LimitsConfig, ServerConfig
 from easllm.control import api, gateway, page
 from easllm.control.config import ConsoleConfig
 from easllm.control.controller import Controller
@@ -20,9 +22,13 @@ from easllm.control.routing import RoutingTable
 from easllm.control.supervisor import Supervisor
 from easllm.logs import redact_secrets
 from easllm.server.auth import serve_openapi
+from easllm.server.browser import BrowserGuard
 from easllm.server.errors import error_response, install_error_handlers
+from easllm.server.limits import RequestLimits
+from easllm.server.lockout import FailedTokens
 
 log = logging.getLogger(__name__)
+MAX_CONNECTIONS = 2048  # HTTP requests in progress plus relayed WebSockets, over all services
 
 
 @dataclass
@@ -65,6 +71,14 @@ def create_console_app(config: ConsoleConfig, registry: Registry | None = None) 
         docs_url=None,  # Swagger and ReDoc pages load their scripts from a CDN
         redoc_url=None,
     )
+    # Bodies bound for a service get that service's default limits (it applies its own as well).
+    limits = ServerConfig(limits=LimitsConfig(max_connections=MAX_CONNECTIONS))
+    app.add_middleware(RequestLimits, config=limits, path_of=gateway.service_path)
+    public_host = urlsplit(config.public_url).netloc if config.public_url else ""
+    app.add_middleware(
+        BrowserGuard, bind_host=config.host, allowed_hosts=(public_host,) if public_host else ()
+    )
+    app.state.failed_tokens = FailedTokens()
     install_error_handlers(app)
     serve_openapi(app, api.require_admin)
 

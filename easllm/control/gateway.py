@@ -1,7 +1,9 @@
 """`/api/predict/<service>[/...]`: one port in front of every service's replicas.
 
 HTTP is passed through byte for byte as the replica sends it (NUL-delimited and SSE streams are
-never buffered); WebSocket messages are relayed both ways. The service token is checked here
+never buffered); request bodies are held in memory only up to `RETRY_BODY_BYTES` (so a request
+can be repeated on another replica), larger or chunked ones are streamed through and not retried;
+WebSocket messages are relayed both ways. The service token is checked here
 (`Authorization`, `?token=`, or the cookie a `?token=` sets for the WebUI) and replaced by the
 replica's own. A browser's WebUI session stays on one replica (the `easllm_replica` cookie names
 it; it moves only when that replica no longer serves); a generation request goes to the replica
@@ -35,8 +37,9 @@ from easllm.control.affinity import conversation_key
 from easllm.control.routing import NoReplica, ReplicaState, RoutingTable, ServiceRoute
 from easllm.control.runtimes.local import gateway_prefix
 from easllm.control.supervisor import Supervisor
-from easllm.server.auth import token_matches
+from easllm.server.auth import check_token
 from easllm.server.errors import error_body, error_response
+from easllm.server.lockout import FailedTokens, busy_message
 
 log = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
@@ -63,6 +66,17 @@ DROP_FROM_REPLY = {"connection", "keep-alive", "transfer-encoding", "server", "d
 RETRY_SAFE_POSTS = {"", "v1/chat/completions", "v1/completions", "v1/embeddings"}
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_TRY_AGAIN = 1001, 1011, 1013
+RETRY_BODY_BYTES = 1024 * 1024  # a generation request is far smaller; uploads are streamed through
+PREFIX = "/api/predict/"
+
+
+def service_path(scope: dict[str, object]) -> str:
+    """The path a replica sees: `/api/predict/<service>/v1/models` -> `/v1/models` (others unchanged)."""
+    path = str(scope.get("path", ""))
+    if not path.startswith(PREFIX):
+        return path
+    rest = path[len(PREFIX) :].partition("/")[2]
+    return "/" + rest
 
 
 def new_http_client() -> httpx.AsyncClient:
@@ -80,6 +94,18 @@ def _presented_token(headers: object, query: object, cookies: dict[str, str]) ->
     if query.get("token"):  # type: ignore[attr-defined]
         return query.get("token"), True  # type: ignore[attr-defined]
     return cookies.get(COOKIE), False
+
+
+async def _token_refusal(
+    failures: FailedTokens, client: object, expected: str, presented: str | None
+) -> tuple[int, str] | None:
+    """None when the token is right; else (status, message) of the refusal."""
+    verdict = await check_token(failures, getattr(client, "host", None), expected, presented)
+    if verdict == 200:
+        return None
+    if verdict == 429:
+        return 429, busy_message()
+    return 401, "missing or wrong token for service {service}"
 
 
 def _retry_safe(method: str, path: str) -> bool:
@@ -104,14 +130,19 @@ async def predict(request: Request, service: str, path: str = "") -> Response:
     if route is None:
         return error_response(404, f"no service named {service}")
     token, from_query = _presented_token(request.headers, request.query_params, request.cookies)
-    if not token_matches(token, route.token):
-        return error_response(401, f"missing or wrong token for service {service}")
-    body = await request.body()
+    refusal = await _token_refusal(request.app.state.failed_tokens, request.client, route.token, token)
+    if refusal is not None:
+        return error_response(refusal[0], refusal[1].format(service=service))
+    declared = request.headers.get("content-length", "")
+    small = declared.isdigit() and int(declared) <= RETRY_BODY_BYTES
+    body: bytes | None = await request.body() if small or request.method in ("GET", "HEAD") else None
     headers = [
         (k, v)
         for k, v in request.headers.items()
         if k.lower() not in HOP_BY_HOP and k.lower().replace("-", "_") != SERVE_AFFINITY_HEADER
     ]
+    if body is None and declared.isdigit():  # streamed: the replica still sees the size up front
+        headers.append(("content-length", declared))
     cookies = "; ".join(f"{k}={v}" for k, v in request.cookies.items() if k not in GATEWAY_COOKIES)
     if cookies:  # the WebUI's own session cookies; the gateway's cookie stays here
         headers.append(("cookie", cookies))
@@ -124,8 +155,8 @@ async def predict(request: Request, service: str, path: str = "") -> Response:
         ("x-forwarded-prefix", prefix),
     ]
     query = request.url.query
-    retry_safe = _retry_safe(request.method, path)
-    key = conversation_key(path, body) if request.method == "POST" else None
+    retry_safe = body is not None and _retry_safe(request.method, path)
+    key = conversation_key(path, body) if request.method == "POST" and body is not None else None
     pinned = pinned_replica(request.cookies)
     affinity = request.cookies.get(REPLICA_COOKIE, "")
     browser = _browser_session(request.method, path, affinity)
@@ -143,13 +174,18 @@ async def predict(request: Request, service: str, path: str = "") -> Response:
         url = f"{replica.url}/{path}" + (f"?{query}" if query else "")
         session = affinity_cookie(replica, affinity) if browser else None
         sent = headers + serve_affinity(replica, session, key)
-        upstream_request = console.http.build_request(request.method, url, headers=sent, content=body)
+        content = body if body is not None else request.stream()
+        upstream_request = console.http.build_request(request.method, url, headers=sent, content=content)
         try:
             upstream = await console.http.send(upstream_request, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             _give_back(replica, console.supervisor, f"unreachable: {exc!r}")
             continue
         except httpx.HTTPError as exc:
+            if body is None:  # a streamed body: the replica may have refused it (413) and closed
+                replica.outstanding -= 1
+                log.info("%s: replica %d stopped reading a streamed body: %r", service, replica.id, exc)
+                return error_response(502, f"service {service}: the replica did not take the whole body")
             _give_back(replica, console.supervisor, f"failed mid-request: {exc!r}")
             if retry_safe:
                 continue
@@ -237,8 +273,9 @@ async def predict_socket(websocket: WebSocket, service: str, path: str = "") -> 
         await _deny(websocket, 404, f"no service named {service}")
         return
     token, _ = _presented_token(websocket.headers, websocket.query_params, websocket.cookies)
-    if not token_matches(token, route.token):
-        await _deny(websocket, 401, f"missing or wrong token for service {service}")
+    refusal = await _token_refusal(websocket.app.state.failed_tokens, websocket.client, route.token, token)
+    if refusal is not None:
+        await _deny(websocket, refusal[0], refusal[1].format(service=service))
         return
     upstream, replica = await _connect_upstream(
         websocket, route, routing, console.supervisor, path, pinned_replica(websocket.cookies)

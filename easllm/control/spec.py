@@ -41,6 +41,7 @@ OWNED_FLAGS = {
     "host": "(set by the console)",
     "port": "(set by the console)",
     "token": "token",
+    "token_file": "token",
     "service_name": "name",
     "root_path": "(set by the console)",
     "cpu": "resources.gpu (0 = CPU only)",
@@ -148,16 +149,17 @@ def serve_parser() -> argparse.ArgumentParser:
 def parse_serve_args(args: list[str]) -> argparse.Namespace:
     """Extra serve flags, checked by the real `easllm serve` parser; spec-owned flags refused."""
     parser = serve_parser()
+    unset = object()  # an owned flag given at all (even with its default value, or abbreviated) is refused
+    parser.set_defaults(**dict.fromkeys(OWNED_FLAGS, unset))
     try:
         options = parser.parse_args(args)
     except (argparse.ArgumentError, ValueError) as exc:
         raise ValueError(f"not a valid `easllm serve` flag list: {exc}") from exc
-    defaults = parser.parse_args([])
     for dest, instead in OWNED_FLAGS.items():
-        if getattr(options, dest) != getattr(defaults, dest):
+        if getattr(options, dest) is not unset:
             flag = "--" + dest.replace("_", "-")
             raise ValueError(f"{flag} is set by the console; use {instead} instead")
-    return options
+    return serve_parser().parse_args(args)
 
 
 def parse_spec(data: object, param_prefix: str = "") -> ServiceSpec:
@@ -168,6 +170,8 @@ def parse_spec(data: object, param_prefix: str = "") -> ServiceSpec:
         return ServiceSpec.model_validate(data)
     except ValidationError as exc:
         raise invalid_from(exc, param_prefix) from exc
+    except RecursionError as exc:
+        raise InvalidRequest("the spec is nested too deeply", param_prefix or None) from exc
 
 
 def invalid_from(exc: ValidationError, param_prefix: str = "") -> InvalidRequest:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from easllm.history.wal import CHUNK, WalFile, complete_length, recover
+from easllm.private_files import open_private
 
 log = logging.getLogger(__name__)
 
@@ -289,10 +290,10 @@ class HistoryExporter:
         parts = [(p, complete_length(p)) for p in item.paths if p.exists()]
         if any(length for _, length in parts) or item.backlog:
             name = period_name(item.start, item.end, item.writer)
-            self.export_dir.mkdir(parents=True, exist_ok=True)
+            self.export_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             temp = self.export_dir / f".{name}.{_HOST}.{os.getpid()}.tmp"
             try:
-                with temp.open("wb") as out:
+                with open_private(temp) as out:
                     lines = sum(_copy(path, out, length) for path, length in parts)
                     out.writelines(item.backlog)
                     lines += len(item.backlog)

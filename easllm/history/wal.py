@@ -25,6 +25,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from easllm.private_files import private_dir
+
 OPEN = re.compile(r"open-(\d+)-([\w-]+)\.jsonl")
 SEALED = re.compile(r"sealed-(\d+)-(\d+)-([\w-]+)\.jsonl")
 CHUNK = 1 << 20
@@ -58,7 +60,7 @@ class WalFile:
     """The open log of the current period; owned (flock) by this process."""
 
     def __init__(self, directory: Path, start: float, writer: str = "") -> None:
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)
         self.start = start
         self.owner = f"{writer + '-' if writer else ''}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.path = directory / f"open-{_ms(start)}-{self.owner}.jsonl"

@@ -12,7 +12,6 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictStr,
-    ValidationError,
     field_validator,
 )
 
@@ -20,9 +19,13 @@ from easllm.chat.template import Conversation
 from easllm.config import SamplingDefaults
 from easllm.engine.types import FinishReason, SamplingParams, Usage
 from easllm.errors import InvalidRequest
-from easllm.protocol.validation import StopStrings, invalid_request_from
+from easllm.protocol.validation import Seed, StopStrings, UnknownFieldLog, check_json_size, validate
 
 log = logging.getLogger(__name__)
+log_unknown = UnknownFieldLog(log)
+
+MAX_HISTORY_ROUNDS = 1000  # only the last --max-round reach the prompt; all are echoed in every reply
+MAX_HISTORY_CHARS = 256 * 1024  # all rounds together: a stream repeats them in every chunk
 
 Round = tuple[StrictStr, StrictStr]
 
@@ -34,7 +37,7 @@ class EasRequest(BaseModel):
 
     prompt: StrictStr = Field("", validation_alias=AliasChoices("prompt", "input_ids"))
     system_prompt: StrictStr = ""
-    history: list[Round] = []
+    history: list[Round] = Field([], max_length=MAX_HISTORY_ROUNDS)
     max_new_tokens: int | None = Field(None, ge=1)
     use_stream_chat: bool | None = None
     temperature: float | None = Field(None, ge=0, le=2)
@@ -44,7 +47,7 @@ class EasRequest(BaseModel):
     use_cache: bool = True
     stop: StopStrings = Field([], validation_alias=AliasChoices("stop", "stop_sequences"))
     repetition_penalty: float = Field(1.0, gt=0)
-    seed: int | None = None
+    seed: Seed = None
     langchain: bool = False
     no_template: bool | None = None
     stream_format: Literal["cumulative", "delta"] = "cumulative"
@@ -72,7 +75,16 @@ class EasRequest(BaseModel):
         if value is None:
             return []
         if isinstance(value, list):
+            if len(value) > MAX_HISTORY_ROUNDS:  # before validating each of them
+                raise ValueError(f"at most {MAX_HISTORY_ROUNDS} rounds (got {len(value)})")
             return [item for item in value if not (isinstance(item, list | tuple) and not item)]
+        return value
+
+    @field_validator("history")
+    @classmethod
+    def _bounded_history(cls, value: list[Round]) -> list[Round]:
+        if sum(len(q) + len(a) for q, a in value) > MAX_HISTORY_CHARS:
+            raise ValueError(f"the rounds hold more than {MAX_HISTORY_CHARS} characters in all")
         return value
 
 
@@ -86,10 +98,20 @@ def parse_eas_body(body: bytes, content_type: str | None) -> EasRequest | str:
     except UnicodeDecodeError as exc:
         raise InvalidRequest("the request body is not valid UTF-8", "body") from exc
     try:
+        check_json_size(body)
+    except InvalidRequest:
+        if is_json:
+            raise
+        return text  # not a request object anyone could send: the prompt itself
+    try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         if is_json:
             raise InvalidRequest(f"invalid JSON: {exc.msg} at position {exc.pos}", "body") from exc
+        return text
+    except RecursionError as exc:
+        if is_json:
+            raise InvalidRequest("the JSON body is nested too deeply", "body") from exc
         return text
     if not isinstance(data, dict):
         if is_json:
@@ -102,12 +124,8 @@ def eas_request_from_dict(data: dict[str, Any]) -> EasRequest:
     cleaned = {str(key).strip(): value for key, value in data.items()}
     known = set(EasRequest.model_fields) | {"input_ids", "stop_sequences"}
     unknown = sorted(set(cleaned) - known)
-    if unknown:
-        log.info("ignoring unknown request fields: %s", ", ".join(unknown))
-    try:
-        req = EasRequest.model_validate(cleaned)
-    except ValidationError as exc:
-        raise invalid_request_from(exc) from exc
+    log_unknown("EAS request", unknown)
+    req: EasRequest = validate(EasRequest, cleaned)
     return req
 
 
@@ -136,3 +154,30 @@ def reply(
     if sources is not None:
         out["sources"] = sources
     return out
+
+
+class RoundReplies:
+    """The replies of one round as JSON text, the same as `json.dumps(reply(...))`: the earlier
+    rounds are serialised once, not again for every chunk of a stream."""
+
+    def __init__(self, history: list[tuple[str, str]], prompt: str) -> None:
+        earlier = _dumps([list(r) for r in history])
+        self._head = earlier[:-1] + (", " if history else "") + "[" + _dumps(prompt) + ", "
+
+    def dumps(
+        self,
+        response: str,
+        answer_so_far: str,
+        usage: Usage | None = None,
+        finish_reason: FinishReason | None = None,
+        sources: list[dict[str, Any]] | None = None,
+    ) -> str:
+        tail = reply(response, [], usage, finish_reason, sources)
+        del tail["response"], tail["history"]
+        rest = (", " + _dumps(tail)[1:-1]) if tail else ""
+        history = self._head + _dumps(answer_so_far) + "]]"
+        return '{"response": ' + _dumps(response) + ', "history": ' + history + rest + "}"
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)

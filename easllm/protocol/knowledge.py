@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictStr
 
 from easllm.errors import InvalidRequest
-from easllm.protocol.validation import invalid_request_from
+from easllm.protocol.validation import load_json, validate
 from easllm.rag.knowledge import IngestFailure
 from easllm.rag.store import Hit, StoredFile
 
@@ -25,16 +24,10 @@ class KnowledgeQuery(BaseModel):
 
 
 def parse_query(body: bytes) -> KnowledgeQuery:
-    try:
-        data = json.loads(body or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"the body is not valid JSON: {exc}", "body") from exc
+    data = load_json(body or b"null")
     if not isinstance(data, dict):
         raise InvalidRequest('send a JSON object: {"query": "..."}', "body")
-    try:
-        query = KnowledgeQuery.model_validate(data)
-    except ValidationError as exc:
-        raise invalid_request_from(exc) from exc
+    query: KnowledgeQuery = validate(KnowledgeQuery, data)
     if not query.query.strip():
         raise InvalidRequest("query is empty", "query")
     return query

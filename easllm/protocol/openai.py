@@ -9,22 +9,29 @@ engine without them) are refused with 400 naming the field.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
 from easllm.chat.template import Conversation, Message
 from easllm.config import SamplingDefaults
 from easllm.engine.types import ModelInfo, SamplingParams
 from easllm.errors import InvalidRequest
 from easllm.protocol.json_grammar import json_object_grammar, json_schema_grammar
-from easllm.protocol.validation import StopStrings, invalid_request_from
+from easllm.protocol.validation import (
+    Seed,
+    StopStrings,
+    UnknownFieldLog,
+    derived_seed,
+    load_json,
+    validate,
+)
 
 log = logging.getLogger(__name__)
+log_unknown = UnknownFieldLog(log)
 
 MAX_N = 16  # choices per prompt
 MAX_CHOICES = 64  # prompts x n on /v1/completions
@@ -38,10 +45,7 @@ NO_EFFECT = frozenset(
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"the body is not valid JSON: {exc}", "body") from exc
+    data = load_json(body)
     if not isinstance(data, dict):
         raise InvalidRequest("the body must be a JSON object", "body")
     return data
@@ -52,13 +56,8 @@ class _Request(BaseModel):
 
     @classmethod
     def parse(cls, data: dict[str, Any]) -> Any:
-        unknown = sorted(set(data) - set(cls.model_fields) - NO_EFFECT)
-        if unknown:
-            log.info("%s: ignoring unsupported fields: %s", cls.__name__, ", ".join(unknown))
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise invalid_request_from(exc) from exc
+        log_unknown(cls.__name__, sorted(set(data) - set(cls.model_fields) - NO_EFFECT))
+        return validate(cls, data)
 
 
 class StreamOptions(BaseModel):
@@ -77,7 +76,7 @@ class _Generation(_Request):
     repetition_penalty: float = Field(1.0, gt=0)  # extension (vLLM)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    seed: int | None = None
+    seed: Seed = None
     stop: StopStrings = []
     n: int = Field(1, ge=1, le=MAX_N)
     logit_bias: dict[str, float] | None = None
@@ -129,7 +128,7 @@ def choice_samplings(sampling: SamplingParams, n: int) -> list[SamplingParams]:
     """One sampling setting per choice; a fixed seed gives each choice its own derived seed."""
     if sampling.seed is None:
         return [sampling] * n
-    return [replace(sampling, seed=sampling.seed + i) for i in range(n)]
+    return [replace(sampling, seed=derived_seed(sampling.seed, i)) for i in range(n)]
 
 
 # -- chat completions --

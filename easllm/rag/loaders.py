@@ -33,7 +33,8 @@ OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
 # PDFs: pypdf refuses cyclic page trees and xref chains, decompression bombs and runaway form
 # XObjects; a file can still repeat one costly page many thousand times, so extraction is bounded.
 MAX_PDF_PAGES = 10_000
-PDF_SECONDS = 120.0  # password-protected Office files are OLE containers
+PDF_SECONDS = 120.0
+DOCX_SECONDS = 120.0
 MARKDOWN_HEADINGS = [(f"{'#' * level}", f"h{level}") for level in range(1, 7)]
 
 
@@ -153,9 +154,25 @@ def _check_zip(name: str, data: bytes) -> None:
         )
 
 
-def _table_text(table: object) -> str:
+class _Deadline:
+    """Stops a parser that runs too long, between any two steps it lets us see."""
+
+    def __init__(self, name: str, seconds: float, what: str) -> None:
+        self.name, self.seconds, self.what = name, seconds, what
+        self.at = time.monotonic() + seconds
+
+    def check(self, where: str = "") -> None:
+        if time.monotonic() > self.at:
+            raise TooLarge(
+                f"{self.name}: {self.what} took over {self.seconds:g} s{where}; split it into smaller files",
+                PARAM,
+            )
+
+
+def _table_text(table: object, deadline: _Deadline) -> str:
     lines = []
     for row in table.rows:  # type: ignore[attr-defined]
+        deadline.check()
         cells: list[str] = []
         for cell in row.cells:
             text = cell.text.strip()
@@ -171,11 +188,7 @@ def _load_docx(name: str, data: bytes) -> Document:
     import docx
     from docx.table import Table
 
-    try:
-        document = docx.Document(io.BytesIO(data))
-        blocks = list(document.iter_inner_content())
-    except Exception as exc:  # python-docx raises many types on a broken package
-        raise InvalidRequest(f"{name} is a corrupt DOCX file: {exc}", PARAM) from exc
+    deadline = _Deadline(name, DOCX_SECONDS, "reading its text")
     sections: list[Section] = []
     headings: list[str] = []
     lines: list[str] = []
@@ -185,17 +198,24 @@ def _load_docx(name: str, data: bytes) -> Document:
             sections.append(Section("\n".join(lines), heading=" > ".join(headings) or None))
             lines.clear()
 
-    for block in blocks:
-        if isinstance(block, Table):
-            lines.append(_table_text(block))
-            continue
-        text = block.text.strip()
-        level = _heading_level(block)
-        if level and text:
-            flush()
-            headings[level - 1 :] = [text]
-        if text:
-            lines.append(text)
+    try:  # python-docx raises many types on a broken package, tables included
+        document = docx.Document(io.BytesIO(data))
+        for block in document.iter_inner_content():
+            deadline.check()
+            if isinstance(block, Table):
+                lines.append(_table_text(block, deadline))
+                continue
+            text = block.text.strip()
+            level = _heading_level(block)
+            if level and text:
+                flush()
+                headings[level - 1 :] = [text]
+            if text:
+                lines.append(text)
+    except InvalidRequest:
+        raise
+    except Exception as exc:
+        raise InvalidRequest(f"{name} is a corrupt DOCX file: {exc}", PARAM) from exc
     flush()
     return Document(name, "docx", sections)
 
@@ -229,16 +249,16 @@ def _pdf_pages(name: str, reader: object) -> list[Section]:
     pages = reader.pages  # type: ignore[attr-defined]
     if len(pages) > MAX_PDF_PAGES:
         raise TooLarge(f"{name} has {len(pages)} pages; the limit is {MAX_PDF_PAGES}", PARAM)
-    deadline = time.monotonic() + PDF_SECONDS
+    deadline = _Deadline(name, PDF_SECONDS, "reading its text")
     sections = []
     for i, page in enumerate(pages):
-        if time.monotonic() > deadline:
-            raise TooLarge(
-                f"{name}: reading its text took over {PDF_SECONDS:g} s (stopped at page {i + 1} of "
-                f"{len(pages)}); split it into smaller files",
-                PARAM,
-            )
-        sections.append(Section(page.extract_text() or "", page=i + 1))
+        where = f" (stopped at page {i + 1} of {len(pages)})"
+        deadline.check(where)
+
+        def each_operator(*_: object, where: str = where) -> None:  # a single page can be costly too
+            deadline.check(where)
+
+        sections.append(Section(page.extract_text(visitor_operand_before=each_operator) or "", page=i + 1))
     return sections
 
 

@@ -24,6 +24,12 @@ log = logging.getLogger("easllm.access")
 HEADER = b"x-request-id"
 SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 PROBES = frozenset({"/health", "/live", "/ready", "/metrics"})
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "WS"})
+
+
+def method_label(method: str) -> str:
+    """The method as a metrics label: any method outside HTTP's usual ones is `other` (bounded series)."""
+    return method if method in METHODS else "other"
 
 
 class AccessLog:
@@ -71,8 +77,10 @@ class AccessLog:
         elapsed = time.perf_counter() - info.started
         route = _route(scope)
         method = scope.get("method", "WS")
-        self.metrics.requests.labels(route, method, str(status)).inc()
-        self.metrics.request_duration.labels(route, method).observe(elapsed)
+        label = method_label(method)
+        self.metrics.requests.labels(route, label, str(status)).inc()
+        self.metrics.request_duration.labels(route, label).observe(elapsed)
+        method = method if label != "other" else ascii(method[:32])
         level = logging.DEBUG if route in PROBES and status < 400 else logging.INFO
         if not log.isEnabledFor(level):
             return

@@ -19,9 +19,11 @@ from easllm.rag.embedder import SharedEmbedder
 from easllm.rag.knowledge import KnowledgeBase
 from easllm.server.access_log import AccessLog
 from easllm.server.auth import require_token, serve_openapi
+from easllm.server.browser import BrowserGuard
 from easllm.server.cors import ApiCORS
 from easllm.server.errors import install_error_handlers
 from easllm.server.limits import RequestLimits
+from easllm.server.lockout import FailedTokens
 from easllm.server.metrics import ServiceMetrics
 from easllm.server.observability import EngineWatch, Progress, RoundObserver
 from easllm.server.routes import eas, health, knowledge, metrics, openai, websocket
@@ -70,8 +72,16 @@ def create_app(config: ServerConfig, engine: Engine) -> FastAPI:
     progress = Progress()
     app.state.rounds = RoundObserver(config.service_name, engine, app.state.metrics, history, progress)
     app.state.engine_watch = EngineWatch(progress)
+    app.state.ws_pending = websocket.PendingBytes()
+    app.state.failed_tokens = FailedTokens()
     # The last added runs first: the access log sees every refusal of the limits and of CORS.
     app.add_middleware(RequestLimits, config=config)
+    app.add_middleware(
+        BrowserGuard,
+        bind_host=config.host,
+        allowed_hosts=config.allowed_hosts,
+        cors_origins=config.cors_origins,
+    )
     if config.cors_origins:  # closed by default: no browser page of another origin reads a reply
         app.add_middleware(ApiCORS, origins=config.cors_origins)
     app.add_middleware(AccessLog, metrics=app.state.metrics)

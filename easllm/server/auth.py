@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
+from easllm.server.lockout import FailedTokens, busy_message
+
 
 def token_matches(header: str | None, token: str) -> bool:
     if not header:
@@ -18,10 +20,29 @@ def token_matches(header: str | None, token: str) -> bool:
     return hmac.compare_digest(value.encode(), token.encode())
 
 
+async def check_token(failures: FailedTokens, client: str | None, token: str, *presented: str | None) -> int:
+    """200 when a presented value is the token; 401 otherwise (slowed down for a client that
+    keeps failing: `server/lockout.py`); 429 when that client has too many checks under way."""
+    if not any(presented):
+        return 401  # no guess: nothing to slow down
+    return await failures.check(client, lambda: any(token_matches(value, token) for value in presented))
+
+
+def raise_unless(verdict: int, missing: str) -> None:
+    if verdict == 429:
+        raise HTTPException(429, busy_message(), headers={"Retry-After": "1"})
+    if verdict != 200:
+        raise HTTPException(401, missing)
+
+
 async def require_token(request: Request) -> None:
     token: str | None = request.app.state.config.token
-    if token and not token_matches(request.headers.get("authorization"), token):
-        raise HTTPException(status_code=401, detail="missing or wrong token in the Authorization header")
+    if not token:
+        return
+    failures: FailedTokens = request.app.state.failed_tokens
+    client = request.client.host if request.client else None
+    verdict = await check_token(failures, client, token, request.headers.get("authorization"))
+    raise_unless(verdict, "missing or wrong token in the Authorization header")
 
 
 def serve_openapi(app: FastAPI, guard: Callable[[Request], Awaitable[None]]) -> None:

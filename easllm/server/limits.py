@@ -10,7 +10,11 @@
   `Content-Length` says so, otherwise as soon as the bytes read exceed it (chunked uploads). The
   app then sees the client as gone; nothing it sends afterwards reaches the wire. Knowledge-base
   uploads (and the WebUI, which uploads files too) may carry `max_upload_files` files of
-  `--kb-max-file-mb` each; every other body is limited by `--max-body-mb`.
+  `--kb-max-file-mb` each; every other body is limited by `--max-body-mb`. On a service with a
+  token, WebUI requests without a session (the login page among them) get `LOGIN_BODY_LIMIT`.
+- **Slow bodies**: an ordinary body must arrive within `body_timeout` seconds, and an upload may
+  not pause longer than that between two pieces; beyond it `408`, so slow clients cannot hold
+  every connection slot.
 
 WebSocket message sizes and queues are limited by the WebSocket route itself (it answers an
 oversized message with an error and keeps the connection), and by uvicorn's `ws_max_size` as
@@ -19,8 +23,11 @@ the transport's hard cap.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -33,6 +40,8 @@ PROBES = frozenset({"/live", "/health", "/ready", "/metrics"})
 UPLOAD_PATHS = ("/v1/knowledge/files",)
 UPLOAD_PREFIXES = ("/webui/", "/webui")
 MULTIPART_SLACK = MB  # part headers and boundaries around the files themselves
+LOGIN_BODY_LIMIT = 64 * 1024  # a WebUI request before its login: the login form, small API calls
+LOGIN_PATHS = ("/login", "/gradio_api/login_check")
 CLOSE_TRY_AGAIN = 1013
 
 
@@ -61,12 +70,19 @@ def _json(status: int, message: str, param: str | None) -> bytes:
 
 
 class RequestLimits:
-    def __init__(self, app: ASGIApp, config: ServerConfig) -> None:
+    """`path_of(scope)` is the path the rules above see (below a proxy's prefix, by default)."""
+
+    def __init__(
+        self, app: ASGIApp, config: ServerConfig, path_of: Callable[[Scope], str] | None = None
+    ) -> None:
         self.app = app
+        self.path_of = path_of or app_path
         self.max_connections = config.limits.max_connections
         self.body_limit = body_limit(config)
         self.upload_limit = upload_limit(config)
         self.body_mb = config.limits.max_body_mb
+        self.body_timeout = config.limits.body_timeout
+        self.webui_needs_login = bool(config.token)
         self.active = 0  # HTTP requests in progress plus open WebSockets (probes excluded)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -74,7 +90,7 @@ class RequestLimits:
         if kind not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        path = app_path(scope)
+        path = self.path_of(scope)
         if path in PROBES:
             await self.app(scope, receive, send)
             return
@@ -90,35 +106,55 @@ class RequestLimits:
         finally:
             self.active -= 1
 
-    def _limit_for(self, scope: Scope, path: str) -> tuple[int, str]:
+    def _limit_for(self, scope: Scope, path: str) -> tuple[int, str, bool]:
+        """(bytes, the flag that sets them, whether it is an upload) for this request's body."""
+        if (
+            path.startswith(UPLOAD_PREFIXES)
+            and self.webui_needs_login
+            and not _has_webui_session(scope, path)
+        ):
+            return LOGIN_BODY_LIMIT, "before logging in to the WebUI", False
         if (scope.get("method") == "POST" and path in UPLOAD_PATHS) or path.startswith(UPLOAD_PREFIXES):
-            return self.upload_limit, "--kb-max-file-mb x --max-upload-files"
-        return self.body_limit, "--max-body-mb"
+            return self.upload_limit, "--kb-max-file-mb x --max-upload-files", True
+        return self.body_limit, "--max-body-mb", False
 
     async def _http(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
-        limit, flag = self._limit_for(scope, path)
+        limit, flag, upload = self._limit_for(scope, path)
         declared = _content_length(scope)
         message = f"the request body is over the limit of {limit} bytes ({flag})"
         if declared is not None and declared > limit:
             await _send_error(send, 413, f"{message}: Content-Length is {declared}", "body")
             return
         received = 0
-        refused = False  # we answered 413: the app sees a vanished client, its replies are dropped
+        refused = False  # we answered 413 or 408: the app sees a vanished client, its replies are dropped
         started = False
+        body_done = False
+        deadline = None if upload else time.monotonic() + self.body_timeout
+
+        async def refuse(status: int, text: str) -> Message:
+            nonlocal refused
+            refused = True
+            if not started:
+                log.info("refused a body on %s: %s", path, text)
+                await _send_error(send, status, text, "body")
+            return {"type": "http.disconnect"}
 
         async def limited_receive() -> Message:
-            nonlocal received, refused
+            nonlocal received, body_done
             if refused:
                 return {"type": "http.disconnect"}
-            msg = await receive()
+            if body_done:  # later calls wait for a disconnect: no time limit
+                return await receive()
+            wait = self.body_timeout if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                msg = await asyncio.wait_for(receive(), wait)
+            except TimeoutError:
+                return await refuse(408, f"the request body did not arrive within {self.body_timeout:g} s")
             if msg["type"] == "http.request":
                 received += len(msg.get("body", b""))
+                body_done = not msg.get("more_body", False)
                 if received > limit:
-                    refused = True
-                    if not started:
-                        log.info("refused a body over %d bytes on %s", limit, path)
-                        await _send_error(send, 413, message, "body")
-                    return {"type": "http.disconnect"}
+                    return await refuse(413, message)
             return msg
 
         async def guarded_send(msg: Message) -> None:
@@ -155,10 +191,17 @@ async def _send_error(send: Send, status: int, text: str, param: str | None, pre
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status in (429, 503):
         headers.append((b"retry-after", b"1"))
-    if status == 413:
+    if status in (408, 413):
         headers.append((b"connection", b"close"))  # the rest of the body is not read
     await send({"type": f"{prefix}http.response.start", "status": status, "headers": headers})
     await send({"type": f"{prefix}http.response.body", "body": body})
+
+
+def _has_webui_session(scope: Scope, path: str) -> bool:
+    """A session cookie of Gradio's is present (the WebUI's gate checks it is a valid one)."""
+    if path.rstrip("/").endswith(LOGIN_PATHS):
+        return False
+    return any(key == b"cookie" and b"access-token-" in value for key, value in scope.get("headers", ()))
 
 
 def _content_length(scope: Scope) -> int | None:

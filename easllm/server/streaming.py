@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from typing import Any
 
 from starlette.requests import Request
 
@@ -31,16 +29,16 @@ async def first_then_rest(deltas: AsyncIterator[TokenDelta]) -> AsyncIterator[To
 
 async def nul_delimited(
     deltas: AsyncIterator[TokenDelta],
-    chunk: Callable[[str, str, TokenDelta], dict[str, Any]],
+    chunk: Callable[[str, str, TokenDelta], str],
 ) -> AsyncIterator[bytes]:
-    """Each update as one JSON object followed by NUL; `chunk(text_so_far, new_text, delta)`."""
+    """Each update as one JSON object followed by NUL; `chunk(text_so_far, new_text, delta)` is its text."""
     text = ""
     async with aclosing(deltas):
         async for delta in deltas:
             if not delta.text and delta.finish_reason is None:
                 continue
             text += delta.text
-            yield json.dumps(chunk(text, delta.text, delta), ensure_ascii=False).encode() + b"\0"
+            yield chunk(text, delta.text, delta).encode() + b"\0"
 
 
 async def collect_unless_disconnected(

@@ -9,19 +9,22 @@ after a correct token. Fails closed: if Gradio's session store cannot be read, n
 A request that carries the service token in `Authorization` — as the console's gateway sends
 every request it has checked (its `?token=` login) — is logged in already: the gate hands Gradio
 a session of its own for it, so the browser is not asked a second time, and any replica behind
-the gateway accepts the browser's next request.
+the gateway accepts the browser's next request. Wrong passwords count toward the client's failed
+tokens (`server/lockout.py`): a client that keeps failing waits out a back-off before each answer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
 
 from starlette.requests import cookie_parser
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from easllm.server.auth import token_matches
+from easllm.server.lockout import FailedTokens, busy_message
 
 log = logging.getLogger(__name__)
 
@@ -46,45 +49,51 @@ OPEN_PREFIXES = ("/assets/", "/static/", "/svelte/")
 
 
 GATEWAY_USER = "gateway"
+LOGIN_PATHS = frozenset({"/login", "/login/"})
 
 
 class WebUIGate:
-    def __init__(self, app: ASGIApp, gradio_app: object, token: str = "") -> None:
+    def __init__(
+        self, app: ASGIApp, gradio_app: object, token: str = "", failures: FailedTokens | None = None
+    ) -> None:
         self.app = app
         self.gradio_app = gradio_app
         self.token = token
+        self.failures = failures or FailedTokens()
         self._header_session = secrets.token_urlsafe(32)  # Gradio's session for token-bearing requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket") and self._bears_token(scope):
             scope = self._with_session(scope)
+        if scope["type"] == "http" and scope.get("method") == "POST" and route_path(scope) in LOGIN_PATHS:
+            await self._login(scope, receive, send)
+            return
         if scope["type"] not in ("http", "websocket") or self._allowed(scope):
             await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008, "reason": "log in to the WebUI first"})
             return
-        body = json.dumps(
-            {
-                "error": {
-                    "message": "log in to the WebUI first (the service token is the password)",
-                    "type": "authentication_error",
-                    "param": None,
-                    "code": 401,
-                }
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await _refuse(send, 401, "log in to the WebUI first (the service token is the password)")
+
+    async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Gradio checks the password (200 logged in, 400 wrong); a wrong one waits out the back-off."""
+        client = scope["client"][0] if scope.get("client") else None
+        if not self.failures.hold(client):
+            await _refuse(send, 429, busy_message(), [(b"retry-after", b"1")])
+            return
+
+        async def observed(message: Message) -> None:
+            if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
+                wait = self.failures.delay(client)
+                self.failures.failed(client)
+                await asyncio.sleep(wait)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed)
+        finally:
+            self.failures.release(client)
 
     def _bears_token(self, scope: Scope) -> bool:
         if not self.token:
@@ -125,6 +134,16 @@ class WebUIGate:
             if value and value in tokens:
                 return True
         return False
+
+
+async def _refuse(
+    send: Send, status: int, message: str, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    kind = {401: "authentication_error", 429: "rate_limit_error"}[status]
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})
+    await send({"type": "http.response.body", "body": body})
 
 
 def route_path(scope: Scope) -> str:

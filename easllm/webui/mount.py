@@ -60,7 +60,8 @@ class LazyWebUI:
                 self._stack.callback(blocks.close, verbose=False)
                 self.blocks = blocks
                 token = self.parent.state.config.token
-                self._app = WebUIGate(gradio_app, gradio_app, token) if token else gradio_app
+                failures = self.parent.state.failed_tokens
+                self._app = WebUIGate(gradio_app, gradio_app, token, failures) if token else gradio_app
                 log.info("WebUI built in %.2f s", asyncio.get_running_loop().time() - started)
         assert self._app is not None
         return self._app

@@ -64,20 +64,38 @@ FIELDS = [
     "no_template",
     "stream_format",
 ]
+# What a hostile client sends (issue 16): nesting deeper than Python's parser goes, numbers beyond
+# 64 bits either way, long lists in list fields, huge keys.
+deep_json = st.integers(1, 60_000).map(lambda depth: "[" * depth + "]" * depth)
+huge_numbers = st.integers(-(2**70), 2**70) | st.sampled_from([2**63, 2**64, -(2**63) - 1, 10**40, -1])
+long_lists = st.integers(0, 3000).flatmap(
+    lambda n: st.sampled_from([[["q", "a"]] * n, ["s"] * n, [0] * n, ["x" * 300] * min(n, 40)])
+)
+large_keys = st.text(min_size=1, max_size=5).map(lambda t: t * 4000)
+hostile_values = huge_numbers | long_lists | st.floats(allow_nan=True, allow_infinity=True)
 # Objects with the protocol's own keys (and sensible values half of the time), so parsing gets past
 # the first field; plus the occasional unknown key.
 eas_objects = st.dictionaries(
-    st.sampled_from(FIELDS) | st.text(max_size=8),
+    st.sampled_from(FIELDS) | st.text(max_size=8) | large_keys,
     json_values
+    | hostile_values
     | st.sampled_from(["hi", "True", "False", "delta", "cumulative", 0, 1, 3, -1, 0.5, 2.5, 10**12])
     | st.lists(st.tuples(st.text(max_size=8), st.text(max_size=8)), max_size=3),
     max_size=6,
 )
+
+
+def with_deep_field(fields: tuple[str, str]) -> bytes:
+    field, deep = fields
+    return ('{"prompt": "hi", "%s": %s}' % (field, deep)).encode()  # noqa: UP031
+
+
 bodies = (
     st.binary(max_size=200)
     | st.text(max_size=200).map(str.encode)
     | eas_objects.map(lambda d: json.dumps(d).encode())
     | json_values.map(lambda v: json.dumps(v).encode())
+    | st.tuples(st.sampled_from(FIELDS), deep_json).map(with_deep_field)
 )
 content_types = st.sampled_from(
     [None, "application/json", "text/plain", "application/json; charset=utf-8", "x/y"]
@@ -146,7 +164,7 @@ def test_any_eas_body_over_http_is_answered_or_refused_with_a_json_4xx(
 ) -> None:
     headers = {**AUTH, **({"Content-Type": content_type} if content_type else {})}
     r = client.post("/", content=body, headers=headers)
-    assert r.status_code in (200, 400), r.text
+    assert r.status_code in (200, 400), r.text[:300]
     if r.status_code == 400:
         assert is_error(r.json(), 400) and r.json()["error"]["param"]
     elif r.headers["content-type"].startswith("application/json"):
@@ -234,3 +252,63 @@ def test_any_upload_is_indexed_under_a_safe_name_or_refused_with_a_json_4xx(
         assert path.resolve().is_relative_to(root), path
     listed = client.get("/v1/knowledge/files", headers=AUTH)
     assert listed.status_code == 200
+
+
+# -- OpenAI bodies, odd methods and headers (issue 16) ---------------------------------------------
+
+CHAT_FIELDS = ["messages", "stop", "seed", "n", "max_tokens", "temperature", "top_p", "logit_bias", "tools"]
+chat_objects = st.fixed_dictionaries(
+    {"messages": st.just([{"role": "user", "content": "hi"}])},
+    optional={name: hostile_values | json_values for name in CHAT_FIELDS[1:]},
+).map(json.dumps)
+chat_bodies = (
+    chat_objects.map(str.encode)
+    | st.tuples(st.sampled_from(CHAT_FIELDS), deep_json).map(
+        lambda f: ('{"messages": [{"role": "user", "content": "hi"}], "%s": %s}' % f).encode()  # noqa: UP031
+    )
+    | st.dictionaries(large_keys, st.integers(), min_size=1, max_size=3).map(
+        lambda d: json.dumps({"messages": [{"role": "user", "content": "hi"}], **d}).encode()
+    )
+)
+
+
+@FAST
+@given(body=chat_bodies)
+def test_any_chat_completion_body_is_answered_or_a_400(client: TestClient, body: bytes) -> None:
+    r = client.post(
+        "/v1/chat/completions", content=body, headers={**AUTH, "Content-Type": "application/json"}
+    )
+    assert r.status_code in (200, 400), r.text[:300]
+    if r.status_code == 400:
+        assert is_error(r.json(), 400)
+
+
+odd_methods = st.sampled_from(
+    ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PROPFIND", "BREW", "X" * 40]
+)
+odd_paths = st.sampled_from(
+    ["/", "/v1/models", "/v1/chat/completions", "/v1/knowledge/files", "/metrics", "/nope"]
+)
+header_values = st.sampled_from(["", "x" * 8000, "null", "http://evil.example", "localhost", "\t", "0"])
+odd_headers = st.dictionaries(
+    st.sampled_from(
+        ["Host", "Origin", "Content-Type", "Content-Length", "X-Request-Id", "Authorization", "Cookie"]
+    ),
+    header_values,
+    max_size=4,
+)
+
+
+@FAST
+@given(method=odd_methods, path=odd_paths, headers=odd_headers)
+def test_odd_methods_and_headers_never_get_a_5xx(
+    client: TestClient, method: str, path: str, headers: dict[str, str]
+) -> None:
+    if "Content-Length" in headers and not headers["Content-Length"].isdigit():
+        headers.pop("Content-Length")  # the HTTP client itself refuses to send those
+    headers.setdefault("Authorization", TOKEN)
+    r = client.request(method, path, headers=headers, content=b"{}")
+    assert r.status_code < 500, (method, path, headers, r.text[:300])
+    if r.status_code >= 400 and method != "HEAD":
+        assert is_error(r.json())
+    assert 'method="X' not in client.get("/metrics", headers=AUTH).text  # one "other" label for them

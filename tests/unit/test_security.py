@@ -34,6 +34,7 @@ from easllm.control.registry import Registry
 from easllm.control.spec import parse_spec
 from easllm.engine.backends.fake import FakeEngine
 from easllm.logs import RedactSecrets
+from easllm.server.lockout import FailedTokens
 from easllm.server.routes.websocket import EOS
 from tests.apps import serving
 from tests.unit.test_webui_app import LOCKED as WEBUI_LOCKED
@@ -77,6 +78,7 @@ def concrete(path: str) -> str:
 
 def test_every_service_route_but_the_probes_refuses_without_the_token(tmp_path: Path) -> None:
     with start(data_dir=tmp_path) as client:
+        client.app.state.failed_tokens = FailedTokens(free=10**6)  # type: ignore[attr-defined]  # no back-off
         http, sockets, mounts = routes(client.app)  # type: ignore[arg-type]
         paths = {p for _, p in http}
         assert {"/", "/metrics", "/openapi.json", "/v1/chat/completions", "/v1/knowledge/files"} <= paths
@@ -119,7 +121,9 @@ def console(tmp_path: Path) -> Iterator[TestClient]:
     registry.set_version_status("parked", 1, "active")
     registry.update_service("parked", desired="stopped", status="stopped")
     config = ConsoleConfig(state_dir=tmp_path, port=18998, admin_token=ADMIN)
-    with TestClient(create_console_app(config, registry)) as client:
+    app = create_console_app(config, registry)
+    app.state.failed_tokens = FailedTokens(free=10**6)  # these tests send hundreds of wrong tokens
+    with TestClient(app) as client:
         yield client
     registry.close()
 

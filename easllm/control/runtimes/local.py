@@ -49,6 +49,18 @@ def process_start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+# The console's own secrets never reach a replica (it could print them, or a spec's code read them).
+CONSOLE_SECRETS = frozenset({"EASLLM_ADMIN_TOKEN"})
+
+
+def replica_env(spec: ServiceSpec) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in CONSOLE_SECRETS}
+    env.update({"EASLLM_TOKEN": spec.token or "", "PYTHONUNBUFFERED": "1"})
+    if spec.resources.gpu == 0 and spec.engine != "vllm":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
 def gateway_prefix(service: str) -> str:
     return f"/api/predict/{service}"
 
@@ -96,9 +108,7 @@ class LocalRuntime:
     ) -> Launch:
         port = port or free_port()
         cmd = serve_command(spec, port, data_dir, replica_name)
-        env = {**os.environ, "EASLLM_TOKEN": spec.token or "", "PYTHONUNBUFFERED": "1"}
-        if spec.resources.gpu == 0 and spec.engine != "vllm":
-            env["CUDA_VISIBLE_DEVICES"] = ""
+        env = replica_env(spec)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as out:
             stamp = datetime.now(UTC).isoformat(timespec="seconds")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
-from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -12,7 +11,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from easllm.chat.service import ChatService
 from easllm.engine.types import TokenDelta
 from easllm.errors import InvalidRequest
-from easllm.protocol.eas import EasRequest, parse_eas_body, reply
+from easllm.protocol.eas import EasRequest, RoundReplies, parse_eas_body, reply
 from easllm.protocol.schema import json_body
 from easllm.server.auth import require_token
 from easllm.server.streaming import collect_unless_disconnected, first_then_rest, nul_delimited
@@ -42,11 +41,12 @@ async def predict(request: Request) -> Response:
 
     if eas.use_stream_chat and not as_text:
         delta_mode = eas.stream_format == "delta"
+        replies = RoundReplies(history, eas.prompt)
 
-        def chunk(so_far: str, new: str, delta: TokenDelta) -> dict[str, Any]:
-            return reply(
+        def chunk(so_far: str, new: str, delta: TokenDelta) -> str:
+            return replies.dumps(
                 new if delta_mode else so_far,
-                [*history, (eas.prompt, so_far)],
+                so_far,
                 delta.usage,
                 delta.finish_reason,
                 sources if delta.finish_reason is not None else None,

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocketDisconnected
 
 from easllm.chat.dialogue import Dialogue
 from easllm.chat.service import ChatService, PreparedRound
@@ -21,10 +22,11 @@ from easllm.config import LimitsConfig, ServerConfig
 from easllm.engine.base import EngineError, EngineOverloaded
 from easllm.engine.types import TokenDelta
 from easllm.errors import InvalidRequest, NotReady, TooLarge
-from easllm.protocol.eas import EasRequest, parse_eas_body, reply
-from easllm.server.auth import token_matches
+from easllm.protocol.eas import EasRequest, RoundReplies, parse_eas_body
+from easllm.server.auth import check_token
 from easllm.server.errors import error_body, error_response
 from easllm.server.limits import body_limit
+from easllm.server.lockout import busy_message
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -34,30 +36,50 @@ MAX_PENDING = LimitsConfig.ws_max_pending  # the default of messages waiting for
 PER_MESSAGE = frozenset({"prompt", "history", "langchain"})  # every other field set stays in force
 CLOSE_POLICY = 1008
 CLOSE_INTERNAL = 1011
+CLOSE_TRY_AGAIN = 1013
+PENDING_TOTAL = 256 * 1024 * 1024  # bytes queued unanswered over all connections of a service
+
+
+class PendingBytes:
+    """Bytes of WebSocket messages received and not yet answered, over all connections of a service."""
+
+    def __init__(self, limit: int = PENDING_TOTAL) -> None:
+        self.limit = limit
+        self.total = 0
+
+    def take(self, size: int) -> bool:
+        if self.total + size > self.limit:
+            return False
+        self.total += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.total -= size
 
 
 @router.websocket("/")
 async def dialogue_socket(websocket: WebSocket) -> None:
     config: ServerConfig = websocket.app.state.config
-    if config.token and not _authorized(websocket, config.token):
-        await _refuse(websocket)
-        return
+    if config.token:
+        # Browsers cannot set headers on a WebSocket: they pass ?token= instead.
+        client = websocket.client.host if websocket.client else None
+        failures = websocket.app.state.failed_tokens
+        presented = (websocket.headers.get("authorization"), websocket.query_params.get("token"))
+        verdict = await check_token(failures, client, config.token, *presented)
+        if verdict != 200:
+            await _refuse(websocket, verdict)
+            return
     await websocket.accept()
     await Connection(websocket, websocket.app.state.chat, config).run()
 
 
-def _authorized(websocket: WebSocket, token: str) -> bool:
-    # Browsers cannot set headers on a WebSocket: they pass ?token= instead.
-    return token_matches(websocket.headers.get("authorization"), token) or token_matches(
-        websocket.query_params.get("token"), token
-    )
-
-
-async def _refuse(websocket: WebSocket) -> None:
+async def _refuse(websocket: WebSocket, status: int) -> None:
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
-        await websocket.send_denial_response(
-            error_response(401, "missing or wrong token in the Authorization header or ?token=")
-        )
+        if status == 429:
+            denial = error_response(429, busy_message())
+        else:
+            denial = error_response(401, "missing or wrong token in the Authorization header or ?token=")
+        await websocket.send_denial_response(denial)
     else:  # a server without the denial-response extension answers a close before accept with 403
         await websocket.close(code=CLOSE_POLICY)
 
@@ -74,8 +96,10 @@ class Connection:
         self.settings = EasRequest()
         self.max_pending = config.limits.ws_max_pending
         self.max_message = body_limit(config)
+        self.all_pending: PendingBytes = websocket.app.state.ws_pending
+        self.pending_bytes = 0  # queued unanswered: at most one message of the largest size
         # an oversized message waits its turn as its refusal, so answers stay in order
-        self.inbox: asyncio.Queue[str | bytes | TooLarge] = asyncio.Queue(self.max_pending)
+        self.inbox: asyncio.Queue[tuple[str | bytes | TooLarge, int]] = asyncio.Queue(self.max_pending)
 
     async def run(self) -> None:
         reader = asyncio.create_task(self._read())
@@ -87,8 +111,11 @@ class Connection:
                 task.cancel()  # a generation still running is aborted in the engine
             # not gather: it would replace the caller's own cancellation with the children's
             await asyncio.wait({reader, answerer})
+            self.all_pending.give_back(self.pending_bytes)
+            self.pending_bytes = 0
         error = answerer.exception() if answerer.done() and not answerer.cancelled() else None
-        if error is not None and not isinstance(error, WebSocketDisconnect):
+        # WebSocketDisconnected: an answer finished after the reader had closed the connection
+        if error is not None and not isinstance(error, WebSocketDisconnect | WebSocketDisconnected):
             log.error("websocket answerer failed", exc_info=error)
             await self._close(CLOSE_INTERNAL, "internal error")
 
@@ -109,12 +136,22 @@ class Connection:
                 item = TooLarge(
                     f"the message is {size} bytes; the limit is {self.max_message} (--max-body-mb)", "body"
                 )
-            try:
-                self.inbox.put_nowait(item)
-            except asyncio.QueueFull:
+                size = 0  # only the refusal waits
+            if self.inbox.full():
                 reason = f"more than {self.max_pending} messages waiting for an answer (--ws-max-pending)"
                 await self._close(CLOSE_POLICY, reason)
                 return
+            if self.pending_bytes + size > self.max_message:
+                reason = f"more than {self.max_message} bytes waiting for an answer (--max-body-mb)"
+                await self._close(CLOSE_POLICY, reason)
+                return
+            if not self.all_pending.take(size):
+                await self._close(
+                    CLOSE_TRY_AGAIN, "the server holds too many unanswered messages: retry later"
+                )
+                return
+            self.pending_bytes += size
+            self.inbox.put_nowait((item, size))
 
     async def _close(self, code: int, reason: str) -> None:
         with contextlib.suppress(RuntimeError, OSError):  # already closed
@@ -122,12 +159,14 @@ class Connection:
 
     async def _answer_in_order(self) -> None:
         while True:
-            data = await self.inbox.get()
+            data, size = await self.inbox.get()
+            self.pending_bytes -= size
+            self.all_pending.give_back(size)
             try:
                 await self._answer(data)
             except (InvalidRequest, NotReady, EngineError) as exc:
                 await self._send(_error(exc))
-            except WebSocketDisconnect:
+            except (WebSocketDisconnect, WebSocketDisconnected):
                 raise
             except Exception:
                 log.exception("websocket message failed")
@@ -162,7 +201,7 @@ class Connection:
         streaming = self.settings.use_stream_chat is not False  # true unless the client said false
         delta_mode = self.settings.stream_format == "delta"
         sources = [asdict(s) for s in prepared.sources] if msg.langchain else None
-        rounds = self.dialogue.rounds
+        replies = RoundReplies(self.dialogue.rounds, msg.prompt)
         text = ""
         last: TokenDelta | None = None
         gen, conv, ws = prepared.request, self.dialogue.conversation(msg.prompt), self.websocket
@@ -175,10 +214,10 @@ class Connection:
                 if delta.finish_reason is not None:
                     last = delta
                 if streaming:
-                    await self._send(
-                        reply(
+                    await self.websocket.send_text(
+                        replies.dumps(
                             delta.text if delta_mode else text,
-                            [*rounds, (msg.prompt, text)],
+                            text,
                             delta.usage,
                             delta.finish_reason,
                             sources if last is not None else None,
@@ -189,8 +228,7 @@ class Connection:
         if last is None:
             raise EngineError("the engine stream ended without a finish reason")
         if not streaming:
-            history = [*rounds, (msg.prompt, text)]
-            await self._send(reply(text, history, last.usage, last.finish_reason, sources))
+            await self.websocket.send_text(replies.dumps(text, text, last.usage, last.finish_reason, sources))
         self.dialogue.record(msg.prompt, text)
 
     async def _send(self, body: dict[str, Any]) -> None:
