@@ -62,13 +62,16 @@ class Job:
     max_tokens: int
 
 
-def workload(n: int) -> list[Job]:
-    """N different prompts of ~20-100 tokens, each with its own budget of 64-128 new tokens."""
+def workload(n: int, series: int = 0) -> list[Job]:
+    """N different prompts of ~20-100 tokens, each with its own budget of 64-128 new tokens. Each
+    series (round) opens its prompts differently, so a prefix cache finds nothing of earlier rounds:
+    this benchmark measures distinct prompts (bench/multiturn.py measures reuse)."""
     jobs = []
     for i in range(n):
         topic = TOPICS[i % len(TOPICS)] + (f", part {i // len(TOPICS) + 1}" if i >= len(TOPICS) else "")
         prompt = (
-            f"Write a long, detailed essay about {topic}, with an introduction, three parts and a conclusion."
+            f"Request {series}.{i}: write a long, detailed essay about {topic}, with an introduction, "
+            "three parts and a conclusion."
         )
         jobs.append(Job(prompt + DETAILS * (i % 4), 64 + (41 * i) % 65))
     return jobs
@@ -347,14 +350,13 @@ def _nothing() -> Iterator[None]:
 
 
 def measure(name: str, n: int, peers: dict[str, Callable[[list[Job]], Run]], rounds: int) -> dict:
-    jobs = workload(n)
     for run in peers.values():
-        run(workload(1))  # warm up: first-request costs are not what we compare
+        run(workload(1, series=-1))  # warm up: first-request costs are not what we compare
     runs: dict[str, list[Run]] = {k: [] for k in peers}
     names = list(peers)
     for r in range(rounds):
         for k in names[r % len(names) :] + names[: r % len(names)]:
-            runs[k].append(peers[k](jobs))
+            runs[k].append(peers[k](workload(n, series=r)))
             got = runs[k][-1]
             print(f"  {name} N={n} round {r + 1} {k:12}: {got.tps:6.1f} tok/s, {got.tokens} tokens, "
                   f"TTFT p95 {got.ttft(95):.2f} s, errors {got.errors}", file=sys.stderr)  # fmt: skip
