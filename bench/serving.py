@@ -3,6 +3,7 @@
 For N concurrent streaming clients (each its own prompt of ~20-100 tokens and its own budget of
 64-128 new tokens, greedy), on the same GGUF with the same threads, in rotating order each round:
   easllm        `easllm serve --max-num-seqs N`, streaming EAS requests (continuous batching);
+  easllm-nocache  the same with `--no-prefix-cache`: on distinct prompts the cache must cost nothing;
   llama-server  llama.cpp's own C++ server, `-t T -np N -c N x ctx` (built once by bench/peers.py);
   lcpp-server   llama-cpp-python's OpenAI server, `--interrupt_requests False` (one global lock);
   reference     llama-cpp-python's low-level batched decode of all N sequences in one loop, in
@@ -280,7 +281,7 @@ def process_server(command: list[str], ready_path: str, log: Path, timeout: floa
         stop(process)
 
 
-PEERS = ("easllm", "llama-server", "lcpp-server", "reference", "vllm-serve")
+PEERS = ("easllm", "easllm-nocache", "llama-server", "lcpp-server", "reference", "vllm-serve")
 
 
 def bench_model(name: str, args: argparse.Namespace, tmp: Path, skipped: dict[str, str]) -> list[dict]:
@@ -306,6 +307,9 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path, skipped: dict[st
                             "-c", str(n * CTX_PER_SEQ), "--log-disable"]  # fmt: skip
             with (
                 running_server(easllm_flags, tmp, token=None) as easllm,
+                running_server([*easllm_flags, "--no-prefix-cache"], tmp, token=None)
+                if "easllm-nocache" not in skipped
+                else _nothing() as nocache,
                 process_server(llama_server, "/health", tmp / "llama-server.log")
                 if "llama-server" not in skipped
                 else _nothing() as llama_url,
@@ -314,6 +318,8 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path, skipped: dict[st
                     "easllm": lambda jobs: concurrently(easllm_stream(easllm.url), jobs),
                     "reference": reference,
                 }
+                if nocache:
+                    peers["easllm-nocache"] = lambda jobs: concurrently(easllm_stream(nocache.url), jobs)
                 if llama_url:
                     peers["llama-server"] = lambda jobs: concurrently(llama_server_stream(llama_url), jobs)
                 if lcpp_url:
@@ -358,7 +364,7 @@ def measure(name: str, n: int, peers: dict[str, Callable[[list[Job]], Run]], rou
         for k in names[r % len(names) :] + names[: r % len(names)]:
             runs[k].append(peers[k](workload(n, series=r)))
             got = runs[k][-1]
-            print(f"  {name} N={n} round {r + 1} {k:12}: {got.tps:6.1f} tok/s, {got.tokens} tokens, "
+            print(f"  {name} N={n} round {r + 1} {k:14}: {got.tps:6.1f} tok/s, {got.tokens} tokens, "
                   f"TTFT p95 {got.ttft(95):.2f} s, errors {got.errors}", file=sys.stderr)  # fmt: skip
     row: dict = {"model": name, "n": n}
     for k, rs in runs.items():
@@ -374,7 +380,8 @@ def measure(name: str, n: int, peers: dict[str, Callable[[list[Job]], Run]], rou
 
 TARGETS = (
     "targets: single stream >= 0.9x llama-server and >= 0.9x reference; 8 and 16 streams >= 0.9x "
-    "llama-server and >= 2.3x lcpp-server; TTFT p95 at 8 <= 1.2x llama-server's"
+    "llama-server and >= 2.3x lcpp-server; TTFT p95 at 8 <= 1.2x llama-server's; "
+    "8 and 16 streams >= 0.97x easllm-nocache"
 )
 
 
@@ -388,12 +395,12 @@ def print_tables(rows: list[dict], args: argparse.Namespace, skipped: dict[str, 
         f"median of {args.rounds}; OMP_WAIT_POLICY {args.omp_wait_policy or 'each peer its own default'}; "
         f"load average now {os.getloadavg()[0]:.1f}"
     )
-    print(f"{'model':22} {'N':>3} {'peer':12} {'tok/s':>7} {'/stream':>7} {'TTFT p50':>8} {'p95':>7} errors")
+    print(f"{'model':22} {'N':>3} {'peer':14} {'tok/s':>7} {'/stream':>7} {'TTFT p50':>8} {'p95':>7} errors")
     for row in rows:
         for k in PEERS:
             if k in row:
                 m = row[k]
-                print(f"{row['model']:22} {row['n']:3d} {k:12} {m['tps']:7.1f} {m['per_stream']:7.1f} "
+                print(f"{row['model']:22} {row['n']:3d} {k:14} {m['tps']:7.1f} {m['per_stream']:7.1f} "
                       f"{m['p50']:7.2f}s {m['p95']:6.2f}s {m['errors']:6d}")  # fmt: skip
     if any("vllm-serve" in row for row in rows):
         print("\nratios easllm / vllm serve (target: within 5%, >= 0.95x)")
@@ -404,11 +411,13 @@ def print_tables(rows: list[dict], args: argparse.Namespace, skipped: dict[str, 
         return
     print(f"\nratios easllm / peer ({TARGETS})")
     print(
-        f"{'model':22} {'N':>3} {'/llama-server':>13} {'/lcpp-server':>12} {'/reference':>10}  TTFT p95 ratio"
+        f"{'model':22} {'N':>3} {'/llama-server':>13} {'/lcpp-server':>12} {'/reference':>10} "
+        f"{'/nocache':>8}  TTFT p95 ratio"
     )
     for row in rows:
         print(f"{row['model']:22} {row['n']:3d} {ratio(row, 'llama-server'):>13} "
-              f"{ratio(row, 'lcpp-server'):>12} {ratio(row, 'reference'):>10}  "
+              f"{ratio(row, 'lcpp-server'):>12} {ratio(row, 'reference'):>10} "
+              f"{ratio(row, 'easllm-nocache'):>8}  "
               f"{ratio(row, 'llama-server', 'p95')}")  # fmt: skip
     for peer, why in skipped.items():
         print(f"note: {peer} skipped: {why}")
@@ -432,7 +441,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["llama-server", "lcpp-server"])
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["llama-server", "lcpp-server", "easllm-nocache"]
+    )
     parser.add_argument(
         "--omp-wait-policy",
         choices=["active", "passive"],
