@@ -47,8 +47,9 @@ class ModelRunner(Protocol):
 
     def kv_cells_used(self) -> int: ...
 
-    def grammar(self, gbnf: str) -> Grammar:
-        """A fresh grammar constraint; raises InvalidRequest(param="grammar") on bad GBNF."""
+    def grammar(self, gbnf: str, triggers: tuple[str, ...] = ()) -> Grammar:
+        """A fresh grammar constraint, lazy when `triggers` are given (SamplingParams.grammar_triggers);
+        raises InvalidRequest(param="grammar") on bad GBNF."""
         ...
 
     def close(self) -> None: ...

@@ -137,7 +137,7 @@ class FakeRunner:
     def kv_cells_used(self) -> int:
         return sum(len(c) for c in self.cache.values())
 
-    def grammar(self, gbnf: str) -> FakeGrammar:
+    def grammar(self, gbnf: str, triggers: tuple[str, ...] = ()) -> FakeGrammar:
         if not gbnf or not set(gbnf) <= set(LETTERS):
             raise InvalidRequest("the grammar does not parse", "grammar")
         grammar = FakeGrammar(gbnf)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -14,12 +15,18 @@ _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float3
 
 
 class LlamaGrammar:
-    def __init__(self, vocab: Any, n_vocab: int, gbnf: str) -> None:
+    def __init__(self, vocab: Any, n_vocab: int, gbnf: str, triggers: tuple[str, ...] = ()) -> None:
         import llama_cpp
 
         self._llama = llama_cpp
         self._n_vocab = n_vocab
-        self._sampler = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode(), b"root")
+        if triggers:  # lazy: free text until a trigger, then the grammar from the trigger on
+            patterns = (ctypes.c_char_p * len(triggers))(*(re.escape(t).encode() for t in triggers))
+            self._sampler = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+                vocab, gbnf.encode(), b"root", patterns, len(triggers), None, 0
+            )
+        else:
+            self._sampler = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode(), b"root")
         if not self._sampler:
             raise InvalidRequest("the grammar does not parse as GBNF with a `root` rule", "grammar")
         self._one = (llama_cpp.llama_token_data * 1)()

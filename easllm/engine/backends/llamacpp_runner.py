@@ -147,8 +147,8 @@ class LlamaCppRunner:
         pos_max = self._llama.llama_memory_seq_pos_max
         return sum(pos_max(self._memory, slot) + 1 for slot in range(self.max_seqs))
 
-    def grammar(self, gbnf: str) -> LlamaGrammar:
-        return LlamaGrammar(self.model.vocab, self.vocab.size, gbnf)
+    def grammar(self, gbnf: str, triggers: tuple[str, ...] = ()) -> LlamaGrammar:
+        return LlamaGrammar(self.model.vocab, self.vocab.size, gbnf, triggers)
 
     def close(self) -> None:
         self._context.close()

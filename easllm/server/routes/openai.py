@@ -41,6 +41,7 @@ from easllm.protocol.openai_replies import (
     usage_chunk,
 )
 from easllm.protocol.schema import json_body
+from easllm.server.tool_calls import ChatTools, chat_tools, tool_card, tool_prompt
 from easllm.server.auth import require_token
 from easllm.server.sse import merge_choices, sse_response
 from easllm.server.streaming import first_then_rest
@@ -53,7 +54,9 @@ T = TypeVar("T")
 @router.get("/models")
 async def list_models(request: Request) -> JSONResponse:
     info = request.app.state.engine.model_info
-    return JSONResponse({"object": "list", "data": [model_card(info, int(time.time()))]})
+    card = model_card(info, int(time.time()))
+    card.update(tool_card(card, request.app.state.chat.prompts.template, info, request.app.state.config.tool_call_parser))
+    return JSONResponse({"object": "list", "data": [card]})
 
 
 @router.get("/models/{model_id:path}")
@@ -61,7 +64,9 @@ async def retrieve_model(model_id: str, request: Request) -> JSONResponse:
     info = request.app.state.engine.model_info
     if model_id != info.name:
         raise HTTPException(404, f"model {model_id!r} is not served here; this service serves {info.name!r}")
-    return JSONResponse(model_card(info, int(time.time())))
+    card = model_card(info, int(time.time()))
+    card.update(tool_card(card, request.app.state.chat.prompts.template, info, request.app.state.config.tool_call_parser))
+    return JSONResponse(card)
 
 
 @router.post("/chat/completions", response_model=None, openapi_extra=json_body(ChatCompletionRequest))
@@ -72,7 +77,17 @@ async def chat_completions(request: Request) -> Response:
     info = state.engine.model_info
     sampling = req.sampling(state.config.sampling, info)
     extra: dict[str, Any] = {}
-    if req.use_knowledge:
+    tools = req.tool_request()
+    session = chat_tools(tools, service.prompts.template, info, state.config.tool_call_parser, req.legacy_functions)
+    if session is not None:
+        sampling = session.constrain(sampling)
+        messages = req.messages_native()
+        if req.use_knowledge:
+            messages, sources = await service.ground_messages(messages)
+            extra["sources"] = [asdict(s) for s in sources]
+        base = await asyncio.to_thread(tool_prompt, service.prompts, messages, session, sampling, info)
+        conv = conversation_from_messages(messages)
+    elif req.use_knowledge:
         conv = req.conversation()
         prepared = await service.prepare_async(
             conv, sampling, no_template=False, max_round=len(conv.history), use_knowledge=True
@@ -98,11 +113,14 @@ async def chat_completions(request: Request) -> Response:
         deltas = merge_choices(await start_streams(streams))
         chunks = replace(env, object="chat.completion.chunk")
         return sse_response(
-            chat_events(chunks, deltas, len(gens), prompt_tokens, req.include_usage(), top, extra)
+            chat_events(chunks, deltas, len(gens), prompt_tokens, req.include_usage(), top, extra, session)
         )
     outputs = await unless_disconnected(collect_choices(streams), request)
     if outputs is None:
         return Response(status_code=499)
+    if session is not None:
+        for out in outputs:
+            session.settle(out)
     usage = Usage(prompt_tokens, sum(c.completion_tokens for c in outputs))
     return JSONResponse(chat_completion(env, outputs, usage, top, **extra))
 
@@ -115,17 +133,25 @@ async def chat_events(
     include_usage: bool,
     top: int | None,
     extra: dict[str, Any],
+    session: ChatTools | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
     for index in range(n):
         yield chat_chunk(
             env, index, {"role": "assistant", "content": ""}, include_usage=include_usage, **extra
         )
+    splitters = [session.stream() for _ in range(n)] if session is not None else None
     completion_tokens = 0
     async for index, delta in deltas:
         logprobs = chat_logprobs(delta.logprobs, top) if top is not None and delta.logprobs else None
-        if delta.text or logprobs or delta.finish_reason is not None:
-            content = {"content": delta.text} if delta.text else {}
-            yield chat_chunk(env, index, content, delta.finish_reason, logprobs, include_usage)
+        finish_reason = delta.finish_reason
+        text = delta.text
+        if splitters is not None:
+            text, calls, finish_reason = splitters[index].split(delta)
+            for piece in calls:
+                yield chat_chunk(env, index, piece, include_usage=include_usage)
+        if text or logprobs or finish_reason is not None:
+            content = {"content": text} if text else {}
+            yield chat_chunk(env, index, content, finish_reason, logprobs, include_usage)
         if delta.usage is not None:
             completion_tokens += delta.usage.completion_tokens
     if include_usage:
