@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, field_validator
 
 from easllm.chat.template import Conversation, Message
 from easllm.config import SamplingDefaults
@@ -211,7 +211,7 @@ class ChatCompletionRequest(_Generation):
     response_format: ResponseFormat | None = None
     tools: list[ToolDef] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: ToolChoiceField = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: StrictBool | None = None
     functions: list[FunctionDef] | None = Field(None, max_length=MAX_TOOLS)  # legacy tools
     function_call: FunctionCallField = None  # legacy tool_choice
     langchain: bool = False  # extension: answer from the service's knowledge base

@@ -25,9 +25,10 @@ class Tool:
 
     def as_template_dict(self) -> dict[str, Any]:
         """The OpenAI shape every tool-aware chat template reads (`tool.function.name`, ...)."""
-        function: dict[str, Any] = {"name": self.name, "parameters": self.parameters}
+        function: dict[str, Any] = {"name": self.name}
         if self.description:
             function["description"] = self.description
+        function["parameters"] = self.parameters
         return {"type": "function", "function": function}
 
 
