@@ -176,7 +176,10 @@ class ChatService:
 
 
 def _sources(hits: list[Hit]) -> list[Source]:
-    return [Source(h.chunk.source, h.chunk.content, round(h.score, 4), h.chunk.page, h.chunk.heading) for h in hits]
+    return [
+        Source(h.chunk.source, h.chunk.content, round(h.score, 4), h.chunk.page, h.chunk.heading)
+        for h in hits
+    ]
 
 
 def _request(built: BuiltPrompt, sampling: SamplingParams) -> GenerationRequest:

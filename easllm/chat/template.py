@@ -114,7 +114,10 @@ class PromptBuilder:
         return self._tokenize(text, True)
 
     def encode_messages(
-        self, messages: Sequence[Message], param: str = "messages", tools: Sequence[dict[str, Any]] | None = None
+        self,
+        messages: Sequence[Message],
+        param: str = "messages",
+        tools: Sequence[dict[str, Any]] | None = None,
     ) -> list[int]:
         if self.template is None:
             raise InvalidRequest("this model has no chat template: use a completion", "messages")

@@ -175,7 +175,9 @@ class ChatMessage(BaseModel):
         message: Message = {"role": role, "content": self.content or ""}
         calls = [c.as_template_call() for c in self.tool_calls or ()]
         if self.function_call is not None:
-            calls.append({"id": "call_legacy", "type": "function", "function": self.function_call.as_template_call()})
+            calls.append(
+                {"id": "call_legacy", "type": "function", "function": self.function_call.as_template_call()}
+            )
         if calls:
             message["tool_calls"] = calls
         if role == "function":

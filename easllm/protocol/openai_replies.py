@@ -90,7 +90,12 @@ def chat_logprobs(entries: list[TokenLogprob], top_n: int) -> dict[str, Any]:
 def chat_message(c: ChoiceOutput) -> dict[str, Any]:
     legacy = c.finish_reason is FinishReason.FUNCTION_CALL
     content = c.text or None if c.tool_calls else c.text
-    return {"role": "assistant", "content": content, "refusal": None, **message_tool_fields(c.tool_calls, legacy)}
+    return {
+        "role": "assistant",
+        "content": content,
+        "refusal": None,
+        **message_tool_fields(c.tool_calls, legacy),
+    }
 
 
 def chat_completion(

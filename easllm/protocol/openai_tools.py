@@ -164,12 +164,19 @@ def tool_call_deltas(calls: Sequence[ToolCall], legacy: bool) -> list[dict[str, 
     """The stream `delta`s of the calls: the head of each, then its arguments in pieces."""
     deltas: list[dict[str, Any]] = []
     for index, call in enumerate(calls[:1] if legacy else calls):
-        pieces = [call.arguments[i : i + ARGUMENT_PIECE] for i in range(0, len(call.arguments), ARGUMENT_PIECE)]
+        pieces = [
+            call.arguments[i : i + ARGUMENT_PIECE] for i in range(0, len(call.arguments), ARGUMENT_PIECE)
+        ]
         if legacy:
             deltas.append({"function_call": {"name": call.name, "arguments": ""}})
             deltas += [{"function_call": {"arguments": p}} for p in pieces]
             continue
-        head = {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+        head = {
+            "index": index,
+            "id": call.id,
+            "type": "function",
+            "function": {"name": call.name, "arguments": ""},
+        }
         deltas.append({"tool_calls": [head]})
         deltas += [{"tool_calls": [{"index": index, "function": {"arguments": p}}]} for p in pieces]
     return deltas

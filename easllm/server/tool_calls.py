@@ -32,9 +32,7 @@ class ChatTools:
             return sampling
         if sampling.grammar is not None:
             raise InvalidRequest("response_format cannot be combined with tools", "response_format")
-        return replace(
-            sampling, grammar=self.session.grammar, grammar_triggers=self.session.grammar_triggers
-        )
+        return replace(sampling, grammar=self.session.grammar, grammar_triggers=self.session.grammar_triggers)
 
     def settle(self, out: ChoiceOutput) -> None:
         """A finished choice: its text becomes content + calls when it holds valid calls."""

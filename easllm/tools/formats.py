@@ -1,7 +1,7 @@
 """The models' tool-call syntaxes: parse generated text into calls, and the grammar that forces one.
 
 One class per format, named as vLLM's `--tool-call-parser` names them:
-- `hermes` (Qwen2.5, Hermes, many fine-tunes): `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`
+- `hermes` (Qwen2.5, Hermes, ...): `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`
 - `llama3_json` (Llama 3.1-3.3): the whole answer is `{"name": ..., "parameters": {...}}`
 - `mistral`: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` (or `[TOOL_CALLS]name[ARGS]{...}`)
 """
@@ -100,11 +100,32 @@ def _repeat(item: str, sep: str, parallel: bool) -> str:
 
 
 class HermesFormat(ToolFormat):
+    """Also takes a bare call object, alone or in a ```json fence, as llama.cpp's Hermes parser
+    does: small models (the bundled Qwen2.5-Coder 0.5B) often write the call that way."""
+
     name = "hermes"
     trigger = "<tool_call>"
     _block = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+    _bare = re.compile(r'(?:```(?:json)?\s*)?\{\s*"name"\s*:')
+
+    def opens_call(self, text: str) -> int | None:
+        starts = [text.find(self.trigger)]
+        bare = self._bare.search(text)
+        starts.append(bare.start() if bare else -1)
+        found = [s for s in starts if s >= 0]
+        return min(found) if found else None
+
+    def may_open_call(self, text: str) -> int:
+        held = super().may_open_call(text)
+        ticks = len(text) - len(text.rstrip("`"))  # the start of a fence, still growing
+        for at in (text.rfind("```"), text.rfind("{"), len(text) - ticks if ticks else -1):
+            if at >= 0 and len(text) - at > held and _may_become_bare_call(text[at:]):
+                held = len(text) - at
+        return held
 
     def _parse_calls(self, text: str) -> list[RawCall]:
+        if not text.startswith(self.trigger):
+            return self._parse_bare(text)
         calls = []
         end = 0
         for match in self._block.finditer(text):
@@ -114,9 +135,40 @@ class HermesFormat(ToolFormat):
             end = match.end()
         return calls
 
+    def _parse_bare(self, text: str) -> list[RawCall]:
+        body = text.strip()
+        if body.startswith("```"):
+            body = body.removeprefix("```").removeprefix("json").removesuffix("```").strip()
+        decoder = json.JSONDecoder()
+        calls = []
+        while body:
+            try:
+                obj, end = decoder.raw_decode(body)
+            except json.JSONDecodeError as exc:
+                raise MalformedCall(f"the call is not JSON: {exc}") from exc
+            calls.append(self._raw_call(obj))
+            body = body[end:].strip()
+        return calls
+
     def root_rule(self, call_rule: str, parallel: bool) -> str:
-        block = f'"<tool_call>\\n" {call_rule} "\\n</tool_call>"'
-        return _repeat(f"( {block} )", '"\\n"', parallel)
+        block = f'"<tool_call>" space {call_rule} "</tool_call>"'
+        return _repeat(f"( {block} )", "space", parallel)
+
+
+def _may_become_bare_call(text: str) -> bool:
+    """Whether `text` (from a ``` or a {) may still grow into the start of a bare call object."""
+    rest = text
+    if set(rest) == {"`"}:
+        return True
+    if rest.startswith("```"):
+        rest = rest[3:]
+        if "json".startswith(rest.strip()):
+            return True
+        rest = rest.removeprefix("json").lstrip()
+        if not rest.startswith("{"):
+            return False
+    squeezed = re.sub(r"\s", "", rest)
+    return '{"name":'.startswith(squeezed)
 
 
 class Llama3JsonFormat(ToolFormat):
@@ -178,9 +230,7 @@ class MistralFormat(ToolFormat):
         return new_call_id(9, prefix="")  # Mistral's templates refuse ids of other lengths
 
 
-FORMATS: dict[str, type[ToolFormat]] = {
-    f.name: f for f in (HermesFormat, Llama3JsonFormat, MistralFormat)
-}
+FORMATS: dict[str, type[ToolFormat]] = {f.name: f for f in (HermesFormat, Llama3JsonFormat, MistralFormat)}
 # What in a chat template's source says which format the model was trained on.
 _TEMPLATE_MARKERS = (
     ("[TOOL_CALLS]", "mistral"),

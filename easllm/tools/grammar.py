@@ -14,6 +14,9 @@ from easllm.tools.formats import ToolFormat
 from easllm.tools.types import Tool
 
 CALL_RULE = "tool-call"
+# llama.cpp's own C++ converter's whitespace: a space, or a line break and an indent. The Python
+# port allows one space only, which forbids the indented JSON small models like to write.
+SPACE_RULE = '| " " | "\\n"{1,2} [ \\t]{0,20}'
 
 
 def call_schema(tools: Sequence[Tool], arguments_key: str) -> dict[str, Any]:
@@ -33,6 +36,7 @@ def tool_call_grammar(fmt: ToolFormat, tools: Sequence[Tool], parallel: bool) ->
     from llama_cpp.llama_grammar import SchemaConverter
 
     converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    converter._rules["space"] = SPACE_RULE
     try:
         schema = converter.resolve_refs(call_schema(tools, fmt.arguments_key), "tools")
         rule = converter.visit(schema, CALL_RULE)

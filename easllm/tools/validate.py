@@ -27,7 +27,9 @@ def check_parameters(parameters: Any, where: str, param: str = "tools") -> dict[
     try:
         Draft202012Validator.check_schema(parameters)
     except SchemaError as exc:
-        raise InvalidRequest(f"{where}: parameters are not a valid JSON schema: {exc.message}", param) from exc
+        raise InvalidRequest(
+            f"{where}: parameters are not a valid JSON schema: {exc.message}", param
+        ) from exc
     return {"type": "object", **parameters}
 
 

@@ -29,7 +29,10 @@ WEATHER = {
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
     },
 }
-TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+TIME = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+}
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Tokyo"}}\n</tool_call>'
 EOS = {"role": "system", "content": "[eos]"}  # the fake stops right after its echo
 
@@ -79,7 +82,9 @@ def events(r) -> list[dict]:
     return [json.loads(e[6:]) for e in items[:-1]]
 
 
-def test_a_call_becomes_tool_calls_with_finish_reason_tool_calls(client: TestClient, engine: ToolFake) -> None:
+def test_a_call_becomes_tool_calls_with_finish_reason_tool_calls(
+    client: TestClient, engine: ToolFake
+) -> None:
     choice = ok(post(client, CALL))["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
     message = choice["message"]
@@ -89,7 +94,9 @@ def test_a_call_becomes_tool_calls_with_finish_reason_tool_calls(client: TestCli
     assert call["function"]["name"] == "get_weather"
     assert json.loads(call["function"]["arguments"]) == {"city": "Tokyo"}
     prompt = engine.detokenize(engine.requests[-1].prompt_token_ids)
-    assert '"name": "get_weather", "description": "Weather of a city"' in prompt  # the template shows the tools
+    assert (
+        '"name": "get_weather", "description": "Weather of a city"' in prompt
+    )  # the template shows the tools
     assert engine.requests[-1].sampling.grammar is None  # no grammar support: checked after the fact
 
 
@@ -187,7 +194,7 @@ def test_required_and_named_constrain_the_answer_with_a_grammar() -> None:
     with start(engine, api_only=True) as client:
         ok(post(client, CALL, tool_choice="required"))
         grammar = engine.requests[-1].sampling.grammar
-        assert grammar is not None and grammar.startswith('root ::= ( "<tool_call>\\n"')
+        assert grammar is not None and grammar.startswith('root ::= ( "<tool_call>" space tool-call')
         assert "get_weather" in grammar and "get_time" in grammar
         named = {"type": "function", "function": {"name": "get_time"}}
         ok(post(client, "x", tool_choice=named))
@@ -225,7 +232,9 @@ def test_models_lists_the_tool_features(client: TestClient) -> None:
 
 def test_tools_on_a_template_without_tool_support_are_400() -> None:
     with start(FakeEngine(), api_only=True) as client:
-        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER]})
+        r = client.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER]}
+        )
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
     assert "does not support tools" in r.json()["error"]["message"]
 
@@ -271,14 +280,20 @@ def test_tool_messages_must_answer_an_earlier_call(client: TestClient) -> None:
     cases = [
         [*base, {"role": "tool", "content": "3 pm"}],  # no tool_call_id
         [*base, {"role": "tool", "tool_call_id": "call_9", "content": "3 pm"}],  # no such call
-        [*base, {"role": "tool", "tool_call_id": "call_1", "content": "3 pm"},
-         {"role": "assistant", "content": None, "tool_calls": [call]}],  # the call comes later
+        [
+            *base,
+            {"role": "tool", "tool_call_id": "call_1", "content": "3 pm"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+        ],  # the call comes later
     ]
     for messages in cases:
         r = client.post("/v1/chat/completions", json={"messages": messages, "tools": [TIME]})
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
-    good = [*base, {"role": "assistant", "content": None, "tool_calls": [call]},
-            {"role": "tool", "tool_call_id": "call_1", "content": "3 pm"}]
+    good = [
+        *base,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "3 pm"},
+    ]
     assert client.post("/v1/chat/completions", json={"messages": good, "tools": [TIME]}).status_code == 200
 
 
@@ -287,5 +302,7 @@ def test_a_tools_section_larger_than_the_context_is_400_naming_tools() -> None:
     engine.context_length = 400
     big = function("big", description="d" * 1000)
     with start(engine, api_only=True) as client:
-        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "tools": [big]})
+        r = client.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "tools": [big]}
+        )
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text

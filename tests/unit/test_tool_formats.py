@@ -37,7 +37,10 @@ def test_hermes_keeps_the_text_before_the_call_and_parses_each_call() -> None:
     parsed = HermesFormat().parse(text)
     assert parsed is not None
     assert parsed.content == "Let me look.\n"
-    assert parsed.calls == [RawCall("get_weather", {"city": "Tokyo"}), RawCall("get_weather", {"city": "Paris"})]
+    assert parsed.calls == [
+        RawCall("get_weather", {"city": "Tokyo"}),
+        RawCall("get_weather", {"city": "Paris"}),
+    ]
 
 
 def test_hermes_text_without_a_call_is_no_call_and_a_broken_call_is_malformed() -> None:
@@ -50,8 +53,10 @@ def test_hermes_text_without_a_call_is_no_call_and_a_broken_call_is_malformed() 
 
 def test_llama3_json_calls_use_parameters_and_may_follow_the_python_tag() -> None:
     fmt = Llama3JsonFormat()
-    parsed = fmt.parse('<|python_tag|>{"name": "get_time", "parameters": {}}; {"name": "get_weather", '
-                       '"parameters": {"city": "Oslo"}}')
+    parsed = fmt.parse(
+        '<|python_tag|>{"name": "get_time", "parameters": {}}; {"name": "get_weather", '
+        '"parameters": {"city": "Oslo"}}'
+    )
     assert parsed is not None
     assert [c.name for c in parsed.calls] == ["get_time", "get_weather"]
     assert fmt.parse("It is 3 pm.") is None
@@ -114,8 +119,8 @@ def test_deeply_nested_parameters_are_refused() -> None:
         check_parameters(schema, "tools[0]")
 
 
-def session(choice: ToolChoice = ToolChoice(), features=frozenset({"grammar"})):
-    request = ToolRequest((WEATHER, TIME), choice)
+def session(choice: ToolChoice | None = None, features=frozenset({"grammar"})):
+    request = ToolRequest((WEATHER, TIME), choice or ToolChoice())
     result = tool_session(request, ChatTemplate(HERMES_TEMPLATE), features, "fake")
     assert result is not None
     return result
@@ -174,3 +179,29 @@ def test_the_stream_splitter_releases_text_that_only_looked_like_a_call() -> Non
     stream = session().stream()
     assert stream.feed("x <tool_") == "x "
     assert stream.finish().content == "<tool_"
+
+
+def test_hermes_takes_a_bare_or_fenced_call_object_as_small_models_write_it() -> None:
+    fenced = 'Here:\n```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Tokyo"\n  }\n}\n```'
+    parsed = HermesFormat().parse(fenced)
+    assert parsed is not None and parsed.content == "Here:\n"
+    assert parsed.calls == [RawCall("get_weather", {"city": "Tokyo"})]
+    parsed = HermesFormat().parse('{"name": "get_time", "arguments": {}}')
+    assert parsed is not None and parsed.calls == [RawCall("get_time", {})]
+    assert HermesFormat().parse('```python\nprint({"a": 1})\n```') is None
+
+
+def test_the_stream_splitter_holds_a_fenced_call_back_and_releases_other_code() -> None:
+    stream = session().stream()
+    text = 'Sure.\n```json\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n```'
+    assert "".join(stream.feed(ch) for ch in text) == "Sure.\n"
+    assert [c.name for c in stream.finish().calls] == ["get_weather"]
+    stream = session().stream()
+    code = "```python\nx = {1: 2}\n```"
+    sent = "".join(stream.feed(ch) for ch in code)
+    assert sent + (stream.finish().content or "") == code and sent.startswith("```python")
+
+
+def test_the_grammar_allows_indented_json_and_the_call_is_checked_against_it() -> None:
+    gbnf = tool_call_grammar(HermesFormat(), [WEATHER], parallel=False)
+    assert 'space ::= | " " | "\\n"{1,2} [ \\t]{0,20}' in gbnf

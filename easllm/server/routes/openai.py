@@ -41,10 +41,10 @@ from easllm.protocol.openai_replies import (
     usage_chunk,
 )
 from easllm.protocol.schema import json_body
-from easllm.server.tool_calls import ChatTools, chat_tools, tool_card, tool_prompt
 from easllm.server.auth import require_token
 from easllm.server.sse import merge_choices, sse_response
 from easllm.server.streaming import first_then_rest
+from easllm.server.tool_calls import ChatTools, chat_tools, tool_card, tool_prompt
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
@@ -55,7 +55,11 @@ T = TypeVar("T")
 async def list_models(request: Request) -> JSONResponse:
     info = request.app.state.engine.model_info
     card = model_card(info, int(time.time()))
-    card.update(tool_card(card, request.app.state.chat.prompts.template, info, request.app.state.config.tool_call_parser))
+    card.update(
+        tool_card(
+            card, request.app.state.chat.prompts.template, info, request.app.state.config.tool_call_parser
+        )
+    )
     return JSONResponse({"object": "list", "data": [card]})
 
 
@@ -65,7 +69,11 @@ async def retrieve_model(model_id: str, request: Request) -> JSONResponse:
     if model_id != info.name:
         raise HTTPException(404, f"model {model_id!r} is not served here; this service serves {info.name!r}")
     card = model_card(info, int(time.time()))
-    card.update(tool_card(card, request.app.state.chat.prompts.template, info, request.app.state.config.tool_call_parser))
+    card.update(
+        tool_card(
+            card, request.app.state.chat.prompts.template, info, request.app.state.config.tool_call_parser
+        )
+    )
     return JSONResponse(card)
 
 
@@ -78,7 +86,9 @@ async def chat_completions(request: Request) -> Response:
     sampling = req.sampling(state.config.sampling, info)
     extra: dict[str, Any] = {}
     tools = req.tool_request()
-    session = chat_tools(tools, service.prompts.template, info, state.config.tool_call_parser, req.legacy_functions)
+    session = chat_tools(
+        tools, service.prompts.template, info, state.config.tool_call_parser, req.legacy_functions
+    )
     if session is not None:
         sampling = session.constrain(sampling)
         messages = req.messages_native()
