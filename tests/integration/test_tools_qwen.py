@@ -9,7 +9,14 @@ import pytest
 from langchain_core.messages import HumanMessage, ToolMessage
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
+from llama_cpp import Llama
 
+from easllm.config import easllm_home
+from easllm.engine.backends.llamacpp_grammar import LlamaGrammar
+from easllm.models.resolve import resolve_model
+from easllm.tools.formats import HermesFormat
+from easllm.tools.grammar import tool_call_grammar
+from easllm.tools.types import Tool
 from tests.servers import Server, running_server
 
 pytestmark = pytest.mark.integration
@@ -186,3 +193,30 @@ def test_langchain_streams_a_tool_call(chat_model: ChatOpenAI) -> None:
     assert merged is not None
     [call] = merged.tool_calls
     assert call["name"] == "get_weather" and "madrid" in call["args"]["city"].lower()
+
+
+def test_the_lazy_grammar_frees_text_until_the_call_token_then_constrains_it() -> None:
+    path = resolve_model(MODEL, easllm_home(), print).path
+    model = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    vocab = model._model.vocab
+    n_vocab = model.n_vocab()
+    tool = Tool(
+        "get_time", "", {"type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"]}
+    )
+    gbnf = tool_call_grammar(HermesFormat(), [tool], parallel=False)
+    grammar = LlamaGrammar(vocab, n_vocab, gbnf, ("<tool_call>",))
+
+    def ids(text: str) -> list[int]:
+        return model.tokenize(text.encode(), add_bos=False, special=True)
+
+    for token in ids("Sure, let me check. "):
+        assert grammar.allows(token)  # free text before the call
+        grammar.accept(token)
+    [opening] = ids("<tool_call>")
+    grammar.accept(opening)
+    assert not grammar.allows(ids("Hello")[0])  # inside the call only the grammar's text
+    for token in ids('\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call>'):
+        assert grammar.allows(token), model.detokenize([token])
+        grammar.accept(token)
+    assert grammar.allows(model.token_eos())
+    grammar.close()
