@@ -133,6 +133,9 @@ def test_streaming_sends_the_head_of_each_call_then_its_arguments_in_pieces(clie
     chunks = events(post(client, CALL, stream=True, stream_options={"include_usage": True}))
     deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
     assert "".join(d.get("content") or "" for d in deltas) == "You said: "
+    first_call = next(i for i, d in enumerate(deltas) if "tool_calls" in d)
+    assert all("tool_calls" not in d for d in deltas[:first_call]) and "content" not in deltas[-1]
+    assert any(d.get("content") for d in deltas[:first_call])  # the content came before the call
     parts = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
     head, rest = parts[0], parts[1:]
     assert head["index"] == 0 and head["id"].startswith("call_") and head["type"] == "function"

@@ -157,6 +157,9 @@ async def chat_events(
         text = delta.text
         if splitters is not None:
             text, calls, finish_reason = splitters[index].split(delta)
+            if calls and (text or logprobs):  # the content before the calls goes first
+                yield chat_chunk(env, index, {"content": text} if text else {}, None, logprobs, include_usage)
+                text, logprobs = "", None
             for piece in calls:
                 yield chat_chunk(env, index, piece, include_usage=include_usage)
         if text or logprobs or finish_reason is not None:
