@@ -309,3 +309,31 @@ def test_a_tools_section_larger_than_the_context_is_400_naming_tools() -> None:
             "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "tools": [big]}
         )
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
+
+
+def test_content_and_a_call_in_the_last_delta_stream_content_first() -> None:
+    import asyncio
+
+    from easllm.chat.template import ChatTemplate
+    from easllm.engine.types import FinishReason, TokenDelta
+    from easllm.protocol.openai_replies import Envelope
+    from easllm.server.routes.openai import chat_events
+    from easllm.server.tool_calls import ChatTools
+    from easllm.tools.session import tool_session
+    from easllm.tools.types import Tool, ToolRequest
+
+    request = ToolRequest((Tool("get_weather", "", WEATHER["function"]["parameters"]),))
+    session = tool_session(request, ChatTemplate(HERMES_TEMPLATE), set(), "fake")
+    assert session is not None
+
+    async def deltas():
+        yield 0, TokenDelta("r", "Checking. " + CALL, [1], FinishReason.STOP)
+
+    async def run() -> list[dict]:
+        env = Envelope.new("chatcmpl", "chat.completion.chunk", "m")
+        return [c async for c in chat_events(env, deltas(), 1, 5, False, None, {}, ChatTools(session, False))]
+
+    chunks = [c["choices"][0] for c in asyncio.run(run())[1:]]
+    assert chunks[0]["delta"] == {"content": "Checking. "}
+    assert chunks[1]["delta"]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert chunks[-1]["finish_reason"] == "tool_calls" and chunks[-1]["delta"] == {}
