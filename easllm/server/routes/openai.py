@@ -53,14 +53,7 @@ T = TypeVar("T")
 
 @router.get("/models")
 async def list_models(request: Request) -> JSONResponse:
-    info = request.app.state.engine.model_info
-    card = model_card(info, int(time.time()))
-    card.update(
-        tool_card(
-            card, request.app.state.chat.prompts.template, info, request.app.state.config.tool_call_parser
-        )
-    )
-    return JSONResponse({"object": "list", "data": [card]})
+    return JSONResponse({"object": "list", "data": [served_model_card(request)]})
 
 
 @router.get("/models/{model_id:path}")
@@ -68,13 +61,15 @@ async def retrieve_model(model_id: str, request: Request) -> JSONResponse:
     info = request.app.state.engine.model_info
     if model_id != info.name:
         raise HTTPException(404, f"model {model_id!r} is not served here; this service serves {info.name!r}")
+    return JSONResponse(served_model_card(request))
+
+
+def served_model_card(request: Request) -> dict[str, Any]:
+    state = request.app.state
+    info = state.engine.model_info
     card = model_card(info, int(time.time()))
-    card.update(
-        tool_card(
-            card, request.app.state.chat.prompts.template, info, request.app.state.config.tool_call_parser
-        )
-    )
-    return JSONResponse(card)
+    card.update(tool_card(card, state.chat.prompts.template, info, state.config.tool_call_parser))
+    return card
 
 
 @router.post("/chat/completions", response_model=None, openapi_extra=json_body(ChatCompletionRequest))
