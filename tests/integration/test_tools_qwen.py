@@ -90,6 +90,7 @@ def test_auto_call_then_the_answer_from_the_tool_result(client: openai.OpenAI) -
     ]
     final = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS)
     assert final.choices[0].finish_reason == "stop" and not final.choices[0].message.tool_calls
+    # The result reached the model (the 0.5B model mostly restates it rather than answering).
     assert "21" in (final.choices[0].message.content or "")
 
 
