@@ -19,6 +19,7 @@ from easllm.config import (
 )
 from easllm.engine.factory import ENGINES
 from easllm.logs import LOG_FORMATS
+from easllm.tools.formats import FORMATS
 
 log = logging.getLogger("easllm")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -238,6 +239,12 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="nucleus sampling, in (0, 1]",
     )
     g.add_argument("--no-template", action="store_true", help="send prompts raw, without the chat template")
+    g.add_argument(
+        "--tool-call-parser",
+        choices=sorted(FORMATS),
+        default=None,
+        help="the model's tool-call syntax (vLLM's names); default: found in the chat template",
+    )
     k = p.add_argument_group("knowledge base")
     k.add_argument(
         "--data-dir",
@@ -367,6 +374,7 @@ def configs_from(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
         no_api=args.no_api,
         max_round=args.max_round,
         no_template=args.no_template,
+        tool_call_parser=args.tool_call_parser,
         log_level=args.log_level,
         log_format=args.log_format,
         metrics_public=args.metrics_public,

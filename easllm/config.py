@@ -80,6 +80,7 @@ class ServerConfig:
     no_api: bool = False
     max_round: int = 5
     no_template: bool = False
+    tool_call_parser: str | None = None  # hermes | llama3_json | mistral; None: from the chat template
     log_level: str = "INFO"
     log_format: str = "text"  # text | json
     metrics_public: bool = False  # /metrics without the token

@@ -8,11 +8,11 @@ from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from easllm.chat.template import BuiltPrompt, Conversation, PromptBuilder
+from easllm.chat.template import BuiltPrompt, Conversation, Message, PromptBuilder
 from easllm.engine.base import Engine
 from easllm.engine.types import FinishReason, GenerationRequest, SamplingParams, TokenDelta, Usage
 from easllm.errors import InvalidRequest, NotReady
-from easllm.rag.grounding import grounded_completion, grounded_question
+from easllm.rag.grounding import grounded_completion, grounded_question, grounded_system
 
 if TYPE_CHECKING:
     from easllm.rag.knowledge import KnowledgeBase
@@ -107,6 +107,18 @@ class ChatService:
             )
         return kb.search(question)
 
+    async def ground_messages(self, messages: list[Message]) -> tuple[list[Message], list[Source]]:
+        """The messages with the knowledge base's excerpts for the last user message in the system
+        part, for prompts that also carry tools (the template shows the tools after the system)."""
+        question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        if not question.strip():
+            raise InvalidRequest("with the knowledge base, messages need a user message", "messages")
+        hits = await asyncio.to_thread(self.retrieve, question)
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+        rest = [m for m in messages if m["role"] != "system"]
+        grounded: Message = {"role": "system", "content": grounded_system(system, hits)}
+        return [grounded, *rest], _sources(hits)
+
     def _prepare(
         self,
         conv: Conversation,
@@ -150,11 +162,7 @@ class ChatService:
                     continue
                 raise
             if not hits or len(built.token_ids) + room <= prompts.context_length:
-                sources = [
-                    Source(h.chunk.source, h.chunk.content, round(h.score, 4), h.chunk.page, h.chunk.heading)
-                    for h in used
-                ]
-                return PreparedRound(_request(built, sampling), sources)
+                return PreparedRound(_request(built, sampling), _sources(used))
         raise InvalidRequest(
             f"the question and one knowledge-base excerpt leave no room for an answer in the model's "
             f"context ({prompts.context_length} tokens): ask a shorter question or lower --kb-chunk-size",
@@ -165,6 +173,13 @@ class ChatService:
         async with aclosing(self.engine.generate(req)) as deltas:
             async for delta in deltas:
                 yield delta
+
+
+def _sources(hits: list[Hit]) -> list[Source]:
+    return [
+        Source(h.chunk.source, h.chunk.content, round(h.score, 4), h.chunk.page, h.chunk.heading)
+        for h in hits
+    ]
 
 
 def _request(built: BuiltPrompt, sampling: SamplingParams) -> GenerationRequest:

@@ -8,8 +8,10 @@ allocations (`chat/sandbox.py`).
 from __future__ import annotations
 
 import datetime
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import jinja2
 
@@ -17,7 +19,7 @@ from easllm.chat.sandbox import BoundedSandbox, render_bounded
 from easllm.engine.types import ModelInfo
 from easllm.errors import InvalidRequest
 
-Message = dict[str, str]
+Message = dict[str, Any]  # role and content; tool messages and calls add their own keys
 MAX_CHARS_PER_TOKEN = 64  # no tokenizer packs more; longer texts cannot fit and are not tokenized
 Tokenize = Callable[[str, bool], list[int]]
 
@@ -44,19 +46,33 @@ def _strftime_now(fmt: str) -> str:
     return datetime.datetime.now().strftime(fmt)
 
 
+def _tojson(value: Any, indent: int | None = None, separators: Any = None, sort_keys: bool = False) -> str:
+    """Hugging Face's `tojson` (keys in order, no HTML escapes), which templates were written for."""
+    indent = None if indent is None else max(0, min(int(indent), 16))
+    seps = tuple(separators) if separators is not None else None
+    return json.dumps(value, ensure_ascii=False, indent=indent, separators=seps, sort_keys=sort_keys)
+
+
 class ChatTemplate:
     def __init__(self, source: str, bos_token: str = "", eos_token: str = "") -> None:
         env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = _strftime_now
+        env.filters["tojson"] = _tojson
         try:
             self._template = env.from_string(source)
         except jinja2.TemplateError as exc:
             raise ValueError(f"the model's chat template does not compile: {exc}") from exc
+        self.source = source
         self.bos_token = bos_token
         self.eos_token = eos_token
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    def render(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> str:
         try:
             return render_bounded(
                 self._template.generate(
@@ -64,6 +80,7 @@ class ChatTemplate:
                     add_generation_prompt=add_generation_prompt,
                     bos_token=self.bos_token,
                     eos_token=self.eos_token,
+                    tools=list(tools) if tools else None,
                 )
             )
         except jinja2.TemplateError as exc:
@@ -96,10 +113,15 @@ class PromptBuilder:
         self._check_length(text, param)
         return self._tokenize(text, True)
 
-    def encode_messages(self, messages: Sequence[Message], param: str = "messages") -> list[int]:
+    def encode_messages(
+        self,
+        messages: Sequence[Message],
+        param: str = "messages",
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> list[int]:
         if self.template is None:
             raise InvalidRequest("this model has no chat template: use a completion", "messages")
-        text = self.template.render(messages)
+        text = self.template.render(messages, tools=tools)
         self._check_length(text, param)
         starts_with_bos = bool(self.template.bos_token) and text.startswith(self.template.bos_token)
         return self._tokenize(text, not starts_with_bos)

@@ -167,7 +167,8 @@ class BatchingEngine(ABC):
         vocab_size = self.runner.vocab.size
         if not all(0 <= t < vocab_size for t in prompt):
             raise InvalidRequest(f"token ids must be in [0, {vocab_size})", "prompt")
-        grammar = self.runner.grammar(req.sampling.grammar) if req.sampling.grammar else None
+        s = req.sampling
+        grammar = self.runner.grammar(s.grammar, s.grammar_triggers) if s.grammar else None
         sampler = Sampler(req.sampling, prompt, grammar)
         return Sequence(req, sampler, self.runner.vocab, max_len)
 

@@ -56,8 +56,9 @@ class ModelRunner(Protocol):
         """Whether a sequence sharing `seq_id`'s first n cells can be computed on from there."""
         ...
 
-    def grammar(self, gbnf: str) -> Grammar:
-        """A fresh grammar constraint; raises InvalidRequest(param="grammar") on bad GBNF."""
+    def grammar(self, gbnf: str, triggers: tuple[str, ...] = ()) -> Grammar:
+        """A fresh grammar constraint, lazy when `triggers` are given (SamplingParams.grammar_triggers);
+        raises InvalidRequest(param="grammar") on bad GBNF."""
         ...
 
     def close(self) -> None: ...

@@ -11,6 +11,8 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"  # end-of-sequence token or a stop string
     LENGTH = "length"  # max_new_tokens or the context was reached
     ABORT = "abort"  # the client went away or the request was cancelled
+    TOOL_CALLS = "tool_calls"  # the answer is tool calls (set by easllm/tools, never by an engine)
+    FUNCTION_CALL = "function_call"  # the same, for requests with the legacy `functions`
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     grammar: str | None = None  # GBNF text, for grammar-constrained decoding
+    # With triggers the grammar is lazy: it applies from the first trigger text on (which its
+    # root must start with); until then the output is free. Engines with `grammar_triggers`.
+    grammar_triggers: tuple[str, ...] = ()
     logprobs: int | None = None  # top-N log-probabilities per generated token
 
     @property
@@ -83,6 +88,7 @@ class ModelInfo:
 
 
 FEATURES = frozenset({"logprobs", "grammar", "penalties"})
+GRAMMAR_TRIGGERS = "grammar_triggers"  # lazy grammars (SamplingParams.grammar_triggers): llama.cpp
 
 
 @dataclass

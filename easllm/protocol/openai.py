@@ -3,8 +3,8 @@
 Field names live here and in `openai_replies.py` only; the routes get `SamplingParams`, chat
 messages and prompt strings. Fields OpenAI defines that change nothing here (`user`, `store`,
 `metadata`, ...) and unknown fields are accepted and logged; fields that would change the answer
-and are not supported (`tools`, `logit_bias`, `suffix`, penalties or logprobs or grammars on an
-engine without them) are refused with 400 naming the field.
+and are not supported (`logit_bias`, `suffix`, penalties or logprobs or grammars on an engine
+without them) are refused with 400 naming the field. Tool calling's fields: `openai_tools.py`.
 """
 
 from __future__ import annotations
@@ -14,13 +14,24 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 
 from easllm.chat.template import Conversation, Message
 from easllm.config import SamplingDefaults
 from easllm.engine.types import ModelInfo, SamplingParams
 from easllm.errors import InvalidRequest
 from easllm.protocol.json_grammar import json_object_grammar, json_schema_grammar
+from easllm.protocol.openai_tools import (
+    MAX_TOOLS,
+    AssistantToolCall,
+    FunctionCallField,
+    FunctionCallPart,
+    FunctionDef,
+    ToolChoiceField,
+    ToolDef,
+    check_tool_messages,
+    tool_request,
+)
 from easllm.protocol.validation import (
     Seed,
     StopStrings,
@@ -29,6 +40,7 @@ from easllm.protocol.validation import (
     load_json,
     validate,
 )
+from easllm.tools.types import ToolRequest
 
 log = logging.getLogger(__name__)
 log_unknown = UnknownFieldLog(log)
@@ -137,8 +149,12 @@ def choice_samplings(sampling: SamplingParams, n: int) -> list[SamplingParams]:
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: StrictStr | None = None  # a list of text parts is joined in the validator
+    tool_calls: list[AssistantToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: StrictStr | None = None  # tool: the call this message answers
+    name: StrictStr | None = None  # function (legacy): the function that answered
+    function_call: FunctionCallPart | None = None  # assistant (legacy): its one call
 
     @field_validator("content", mode="before")
     @classmethod
@@ -155,7 +171,21 @@ class ChatMessage(BaseModel):
 
     def as_message(self) -> Message:
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.content or ""}
+        message: Message = {"role": role, "content": self.content or ""}
+        calls = [c.as_template_call() for c in self.tool_calls or ()]
+        if self.function_call is not None:
+            calls.append(
+                {"id": "call_legacy", "type": "function", "function": self.function_call.as_template_call()}
+            )
+        if calls:
+            message["tool_calls"] = calls
+        if role == "function":
+            message["role"] = "tool"
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
 
 
 class JsonSchema(BaseModel):
@@ -180,9 +210,11 @@ class ChatCompletionRequest(_Generation):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    functions: list[Any] | None = None
+    tools: list[ToolDef] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoiceField = None
+    parallel_tool_calls: StrictBool | None = None
+    functions: list[FunctionDef] | None = Field(None, max_length=MAX_TOOLS)  # legacy tools
+    function_call: FunctionCallField = None  # legacy tool_choice
     langchain: bool = False  # extension: answer from the service's knowledge base
     knowledge_base: bool = False  # the same, under the name `extra_body` users reach for
 
@@ -209,10 +241,7 @@ class ChatCompletionRequest(_Generation):
 
     def sampling(self, defaults: SamplingDefaults, info: ModelInfo) -> SamplingParams:
         self._check()
-        if self.tools or self.functions:
-            raise InvalidRequest("tools and function calling are not supported", "tools")
-        if self.tool_choice not in (None, "none"):
-            raise InvalidRequest("tool_choice is not supported", "tool_choice")
+        check_tool_messages(self.messages)
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs to be true", "top_logprobs")
         logprobs = None
@@ -222,6 +251,16 @@ class ChatCompletionRequest(_Generation):
         return self._sampling(
             defaults, info, self.max_completion_tokens or self.max_tokens, logprobs, self._grammar(info)
         )
+
+    def tool_request(self) -> ToolRequest | None:
+        """The tools offered and how they must be used; None when none are."""
+        return tool_request(
+            self.tools, self.functions, self.tool_choice, self.function_call, self.parallel_tool_calls
+        )
+
+    @property
+    def legacy_functions(self) -> bool:
+        return self.tools is None and self.functions is not None
 
     def _grammar(self, info: ModelInfo) -> str | None:
         fmt = self.response_format

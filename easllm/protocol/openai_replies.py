@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 
 from easllm.engine.types import FinishReason, ModelInfo, TokenLogprob, Usage
+from easllm.protocol.openai_tools import message_tool_fields
+from easllm.tools.types import ToolCall
 
 
 @dataclass
@@ -23,6 +25,7 @@ class ChoiceOutput:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens the prefix cache gave this choice
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,17 @@ def chat_logprobs(entries: list[TokenLogprob], top_n: int) -> dict[str, Any]:
     return {"content": content, "refusal": None}
 
 
+def chat_message(c: ChoiceOutput) -> dict[str, Any]:
+    legacy = c.finish_reason is FinishReason.FUNCTION_CALL
+    content = c.text or None if c.tool_calls else c.text
+    return {
+        "role": "assistant",
+        "content": content,
+        "refusal": None,
+        **message_tool_fields(c.tool_calls, legacy),
+    }
+
+
 def chat_completion(
     env: Envelope, choices: list[ChoiceOutput], usage: Usage, top_logprobs: int | None, **extra: Any
 ) -> dict[str, Any]:
@@ -101,7 +115,7 @@ def chat_completion(
         [
             {
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text, "refusal": None},
+                "message": chat_message(c),
                 "logprobs": None if top_logprobs is None else chat_logprobs(c.logprobs, top_logprobs),
                 "finish_reason": finish(c.finish_reason),
             }

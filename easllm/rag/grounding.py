@@ -11,6 +11,11 @@ INSTRUCTION = (
     "If they do not contain the answer, say that the documents do not cover it. "
     "Answer in the language of the question."
 )
+INSTRUCTION_WITH_TOOLS = (
+    "Answer using the numbered excerpts from the knowledge base below and the tools you are given. "
+    "Answer in the language of the question."
+)
+NO_MATCH_WITH_TOOLS = "No excerpt of the knowledge base matches the question; use the tools you are given."
 NO_MATCH = (
     "No excerpt of the knowledge base matches the question. "
     "Say that the documents do not cover it; do not answer from memory."
@@ -32,10 +37,20 @@ def grounded_question(question: str, hits: Sequence[Hit]) -> str:
     """The user message of a RAG round, for a model with a chat template."""
     if not hits:
         return f"{NO_MATCH}\n\nQuestion: {question}"
-    excerpts = "\n\n".join(
-        f"[{i}] ({excerpt_label(hit)})\n{hit.chunk.content}" for i, hit in enumerate(hits, 1)
-    )
-    return f"{INSTRUCTION}\n\nExcerpts:\n\n{excerpts}\n\nQuestion: {question}"
+    return f"{INSTRUCTION}\n\nExcerpts:\n\n{_excerpts(hits)}\n\nQuestion: {question}"
+
+
+def _excerpts(hits: Sequence[Hit]) -> str:
+    return "\n\n".join(f"[{i}] ({excerpt_label(hit)})\n{hit.chunk.content}" for i, hit in enumerate(hits, 1))
+
+
+def grounded_system(system_prompt: str, hits: Sequence[Hit]) -> str:
+    """The system part of a RAG round whose prompt also offers tools: the excerpts go here, so
+    the user's messages and the tool messages stay as they are."""
+    head = f"{system_prompt.strip()}\n\n" if system_prompt.strip() else ""
+    if not hits:
+        return f"{head}{NO_MATCH_WITH_TOOLS}"
+    return f"{head}{INSTRUCTION_WITH_TOOLS}\n\nExcerpts:\n\n{_excerpts(hits)}"
 
 
 def grounded_completion(question: str, hits: Sequence[Hit], system_prompt: str = "") -> str:

@@ -173,7 +173,7 @@ class FakeRunner:
     def kv_cells_used(self) -> int:
         return len({id(c) for cells in self.cache.values() for c in cells if c is not None})
 
-    def grammar(self, gbnf: str) -> FakeGrammar:
+    def grammar(self, gbnf: str, triggers: tuple[str, ...] = ()) -> FakeGrammar:
         if not gbnf or not set(gbnf) <= set(LETTERS):
             raise InvalidRequest("the grammar does not parse", "grammar")
         grammar = FakeGrammar(gbnf)

@@ -10,7 +10,7 @@ from typing import Any
 
 from easllm.config import EngineConfig
 from easllm.engine.batching import BatchingEngine
-from easllm.engine.types import FEATURES, ModelInfo
+from easllm.engine.types import FEATURES, GRAMMAR_TRIGGERS, ModelInfo
 from easllm.errors import NotReady
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class LlamaCppEngine(BatchingEngine):
             chat_template=model.metadata().get("tokenizer.chat_template"),
             bos_token=_token_text(model, model.token_bos()),
             eos_token=_token_text(model, model.token_eos()),
-            features=FEATURES,
+            features=FEATURES | {GRAMMAR_TRIGGERS},
         )
         return info, runner
 

@@ -162,8 +162,8 @@ class LlamaCppRunner:
     def _has_swa(self) -> bool:
         return hasattr(self._llama, "llama_model_n_swa")
 
-    def grammar(self, gbnf: str) -> LlamaGrammar:
-        return LlamaGrammar(self.model.vocab, self.vocab.size, gbnf)
+    def grammar(self, gbnf: str, triggers: tuple[str, ...] = ()) -> LlamaGrammar:
+        return LlamaGrammar(self.model.vocab, self.vocab.size, gbnf, triggers)
 
     def close(self) -> None:
         self._context.close()

@@ -45,6 +45,7 @@ from easllm.protocol.schema import json_body
 from easllm.server.auth import require_token
 from easllm.server.sse import merge_choices, sse_response
 from easllm.server.streaming import first_then_rest
+from easllm.server.tool_calls import ChatTools, chat_tools, tool_card, tool_prompt
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
@@ -53,8 +54,7 @@ T = TypeVar("T")
 
 @router.get("/models")
 async def list_models(request: Request) -> JSONResponse:
-    info = request.app.state.engine.model_info
-    return JSONResponse({"object": "list", "data": [model_card(info, int(time.time()))]})
+    return JSONResponse({"object": "list", "data": [served_model_card(request)]})
 
 
 @router.get("/models/{model_id:path}")
@@ -62,7 +62,15 @@ async def retrieve_model(model_id: str, request: Request) -> JSONResponse:
     info = request.app.state.engine.model_info
     if model_id != info.name:
         raise HTTPException(404, f"model {model_id!r} is not served here; this service serves {info.name!r}")
-    return JSONResponse(model_card(info, int(time.time())))
+    return JSONResponse(served_model_card(request))
+
+
+def served_model_card(request: Request) -> dict[str, Any]:
+    state = request.app.state
+    info = state.engine.model_info
+    card = model_card(info, int(time.time()))
+    card.update(tool_card(card, state.chat.prompts.template, info, state.config.tool_call_parser))
+    return card
 
 
 @router.post("/chat/completions", response_model=None, openapi_extra=json_body(ChatCompletionRequest))
@@ -73,7 +81,19 @@ async def chat_completions(request: Request) -> Response:
     info = state.engine.model_info
     sampling = req.sampling(state.config.sampling, info)
     extra: dict[str, Any] = {}
-    if req.use_knowledge:
+    tools = req.tool_request()
+    session = chat_tools(
+        tools, service.prompts.template, info, state.config.tool_call_parser, req.legacy_functions
+    )
+    if session is not None:
+        sampling = session.constrain(sampling)
+        messages = req.messages_native()
+        if req.use_knowledge:
+            messages, sources = await service.ground_messages(messages)
+            extra["sources"] = [asdict(s) for s in sources]
+        base = await asyncio.to_thread(tool_prompt, service.prompts, messages, session, sampling, info)
+        conv = conversation_from_messages(messages)
+    elif req.use_knowledge:
         conv = req.conversation()
         prepared = await service.prepare_async(
             conv, sampling, no_template=False, max_round=len(conv.history), use_knowledge=True
@@ -99,11 +119,14 @@ async def chat_completions(request: Request) -> Response:
         deltas = merge_choices(await start_streams(streams))
         chunks = replace(env, object="chat.completion.chunk")
         return sse_response(
-            chat_events(chunks, deltas, len(gens), prompt_tokens, req.include_usage(), top, extra)
+            chat_events(chunks, deltas, len(gens), prompt_tokens, req.include_usage(), top, extra, session)
         )
     outputs = await unless_disconnected(collect_choices(streams), request)
     if outputs is None:
         return Response(status_code=499)
+    if session is not None:
+        for out in outputs:
+            session.settle(out)
     usage = request_usage(prompt_tokens, [Usage(0, c.completion_tokens, c.cached_tokens) for c in outputs])
     return JSONResponse(chat_completion(env, outputs, usage, top, **extra))
 
@@ -116,17 +139,28 @@ async def chat_events(
     include_usage: bool,
     top: int | None,
     extra: dict[str, Any],
+    session: ChatTools | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
     for index in range(n):
         yield chat_chunk(
             env, index, {"role": "assistant", "content": ""}, include_usage=include_usage, **extra
         )
+    splitters = [session.stream() for _ in range(n)] if session is not None else None
     usages: list[Usage] = []
     async for index, delta in deltas:
         logprobs = chat_logprobs(delta.logprobs, top) if top is not None and delta.logprobs else None
-        if delta.text or logprobs or delta.finish_reason is not None:
-            content = {"content": delta.text} if delta.text else {}
-            yield chat_chunk(env, index, content, delta.finish_reason, logprobs, include_usage)
+        finish_reason = delta.finish_reason
+        text = delta.text
+        if splitters is not None:
+            text, calls, finish_reason = splitters[index].split(delta)
+            if calls and (text or logprobs):  # the content before the calls goes first
+                yield chat_chunk(env, index, {"content": text} if text else {}, None, logprobs, include_usage)
+                text, logprobs = "", None
+            for piece in calls:
+                yield chat_chunk(env, index, piece, include_usage=include_usage)
+        if text or logprobs or finish_reason is not None:
+            content = {"content": text} if text else {}
+            yield chat_chunk(env, index, content, finish_reason, logprobs, include_usage)
         if delta.usage is not None:
             usages.append(delta.usage)
     if include_usage:
