@@ -52,6 +52,8 @@ def _embedding_model(text: str) -> str:
 
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    from easllm.rag.cli import KB_DATABASE_ENV, database_url_arg
+
     m = p.add_argument_group("model and engine")
     m.add_argument(
         "--model-path",
@@ -193,6 +195,16 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "or a sentence-transformers model folder (default %(default)s)",
     )
     k.add_argument(
+        "--kb-database-url",
+        type=database_url_arg,
+        default=os.environ.get(KB_DATABASE_ENV) or None,
+        metavar="URL",
+        help="database of the knowledge base, shared by the service's replicas: a SQLAlchemy URL such as "
+        "postgresql+psycopg://user@host/db for replicas on several machines (default: $"
+        + KB_DATABASE_ENV
+        + ", else SQLite at DATA_DIR/knowledge/knowledge.db)",
+    )
+    k.add_argument(
         "--kb-chunk-size",
         type=_ranged(int, 50),
         default=500,
@@ -297,6 +309,7 @@ def configs_from(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
             top_k=args.kb_top_k,
             score_threshold=args.kb_score_threshold,
             max_file_mb=args.kb_max_file_mb,
+            database_url=args.kb_database_url,
         ),
         sampling=SamplingDefaults(args.max_new_tokens, args.temperature, args.top_k, args.top_p),
         limits=LimitsConfig(

@@ -51,6 +51,7 @@ class KnowledgeConfig:
     top_k: int = 3  # chunks given to the model per question
     score_threshold: float = 0.0  # chunks scoring below (cosine) are not used
     max_file_mb: float = 50.0  # larger uploads get 413
+    database_url: str | None = None  # SQLAlchemy URL shared by the replicas; None: SQLite in the data dir
 
 
 @dataclass(frozen=True)

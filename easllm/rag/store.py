@@ -1,7 +1,9 @@
 """Vector store: chunks and their vectors, searched by inner product (cosine on normalised vectors).
 
-`VectorStore` is the narrow interface the knowledge base needs, so a server-backed store (Qdrant,
-Milvus) can be added beside `FaissStore` later. `FaissStore` keeps one `IndexFlatIP` in memory and
+`VectorStore` is the narrow interface the knowledge base needs; `sql_store.SqlStore` (a database
+shared by a service's replicas) is the one services use. `FaissStore` is the format before it,
+kept as the source of the migration (`rag/migrate.py`) and for the tests that build an old folder:
+it keeps one `IndexFlatIP` in memory and
 persists it as generations: `gen-N.faiss` and `gen-N.json` (files and chunk texts) are written
 to temporary files and renamed, then `manifest.json` is renamed over the old one — the single
 commit point. A crash at any moment leaves the previous generation or the new one, never a mix.
@@ -58,11 +60,22 @@ class VectorStore(Protocol):
 
     def chunk_count(self) -> int: ...
 
-    def put_file(self, file: StoredFile, chunks: Sequence[Chunk], vectors: np.ndarray, embedder: str) -> None:
-        """Add a file's chunks, replacing any file of the same name, durably."""
+    def put_file(
+        self,
+        file: StoredFile,
+        chunks: Sequence[Chunk],
+        vectors: np.ndarray,
+        embedder: str,
+        original: bytes | None = None,
+    ) -> None:
+        """Add a file's chunks (and its uploaded bytes), replacing any file of the same name, durably."""
         ...
 
     def remove_file(self, name: str) -> StoredFile | None: ...
+
+    def original(self, name: str) -> bytes | None:
+        """The uploaded bytes of an indexed file, if the store keeps them."""
+        ...
 
     def search(self, vector: np.ndarray, k: int) -> list[Hit]:
         """Up to k chunks, best first; `vector` is one L2-normalised query embedding."""
@@ -76,6 +89,27 @@ class _State:
     index: Any  # faiss.IndexFlatIP, or None while empty
     embedder: str | None
     generation: int
+
+
+def read_generation(root: Path, faiss: Any) -> _State:
+    """The committed generation of a FaissStore folder, read without changing anything."""
+    manifest_path = root / "manifest.json"
+    if not manifest_path.exists():
+        return _State({}, [], None, None, 0)
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise RuntimeError(f"{manifest_path}: unknown knowledge-base format {manifest.get('format')}")
+    generation = int(manifest["generation"])
+    meta = json.loads((root / f"gen-{generation}.json").read_text())
+    files = {f["name"]: StoredFile(**f) for f in meta["files"]}
+    chunks = [Chunk(*row) for row in meta["chunks"]]
+    index = None
+    if chunks:
+        blob = np.frombuffer((root / f"gen-{generation}.faiss").read_bytes(), dtype=np.uint8)
+        index = faiss.deserialize_index(blob)
+        if index.ntotal != len(chunks):
+            raise RuntimeError(f"{root}: generation {generation} has {index.ntotal} vectors")
+    return _State(files, chunks, index, manifest.get("embedder"), generation)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -133,7 +167,14 @@ class FaissStore:
     def chunk_count(self) -> int:
         return len(self._state.chunks)
 
-    def put_file(self, file: StoredFile, chunks: Sequence[Chunk], vectors: np.ndarray, embedder: str) -> None:
+    def put_file(
+        self,
+        file: StoredFile,
+        chunks: Sequence[Chunk],
+        vectors: np.ndarray,
+        embedder: str,
+        original: bytes | None = None,  # kept by the caller, as earlier versions did
+    ) -> None:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or len(vectors) != len(chunks) or len(chunks) != file.chunks:
             raise ValueError("one vector per chunk, and file.chunks chunks")
@@ -160,6 +201,9 @@ class FaissStore:
             chunks = [state.chunks[i] for i in keep]
             self._commit(files, chunks, self._vectors(state, keep), state.embedder if chunks else None)
             return removed
+
+    def original(self, name: str) -> bytes | None:
+        return None
 
     def search(self, vector: np.ndarray, k: int) -> list[Hit]:
         state = self._state
@@ -197,26 +241,11 @@ class FaissStore:
         self._remove_other_generations(generation)
 
     def _load(self) -> _State:
-        manifest_path = self.root / "manifest.json"
-        if not manifest_path.exists():
-            self._remove_other_generations(None)
-            return _State({}, [], None, None, 0)
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format") != FORMAT:
-            raise RuntimeError(f"{manifest_path}: unknown knowledge-base format {manifest.get('format')}")
-        generation = int(manifest["generation"])
-        meta = json.loads((self.root / f"gen-{generation}.json").read_text())
-        files = {f["name"]: StoredFile(**f) for f in meta["files"]}
-        chunks = [Chunk(*row) for row in meta["chunks"]]
-        index = None
-        if chunks:
-            blob = np.frombuffer((self.root / f"gen-{generation}.faiss").read_bytes(), dtype=np.uint8)
-            index = self._faiss.deserialize_index(blob)
-            if index.ntotal != len(chunks):
-                raise RuntimeError(f"{self.root}: generation {generation} has {index.ntotal} vectors")
-        self._remove_other_generations(generation)
-        log.info("knowledge base %s: %d files, %d chunks", self.root, len(files), len(chunks))
-        return _State(files, chunks, index, manifest.get("embedder"), generation)
+        state = read_generation(self.root, self._faiss)
+        self._remove_other_generations(state.generation if state.generation else None)
+        if state.generation:
+            log.info("knowledge base %s: %d files, %d chunks", self.root, len(state.files), len(state.chunks))
+        return state
 
     def _remove_other_generations(self, keep: int | None) -> None:
         """Older generations, and the leftovers of a write that died before its commit."""

@@ -61,7 +61,7 @@ def create_app(config: ServerConfig, engine: Engine) -> FastAPI:
     app.state.load_error = None
     app.state.embedder = SharedEmbedder(config.embedding_model)
     app.state.knowledge = KnowledgeBase(
-        config.service_data_dir / "knowledge", app.state.embedder, config.knowledge
+        config.service_data_dir / "knowledge", app.state.embedder, config.knowledge, name=config.service_name
     )
     app.state.chat = ChatService(engine, config.max_round, config.no_template, app.state.knowledge)
     history = _history_exporter(config)

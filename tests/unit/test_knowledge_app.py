@@ -112,8 +112,8 @@ def test_path_names_are_stored_under_a_safe_name(client: TestClient, tmp_path: P
     assert r.status_code == 200
     assert names(client) == ["abs.md", "escape.txt"]
     assert not (tmp_path.parent / "escape.txt").exists()
-    stored = sorted(p.name for p in (tmp_path / "knowledge" / "files").rglob("*") if p.is_file())
-    assert stored == ["abs.md", "escape.txt"]
+    knowledge = client.app.state.knowledge
+    assert knowledge.original("escape.txt") == b"inside" and knowledge.original("abs.md") == b"# A\n\nabs"
 
 
 def test_a_bad_file_in_a_multi_file_upload_keeps_the_good_ones(client: TestClient) -> None:

@@ -38,7 +38,7 @@ def test_add_list_query_remove_on_a_data_dir(tmp_path: Path, capsys: pytest.Capt
     assert kb("remove", "README.md", *data) == 0
     assert kb("list", *data) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("忘年会.txt")
-    assert (tmp_path / "svc" / "knowledge" / "index" / "manifest.json").exists()
+    assert (tmp_path / "svc" / "knowledge" / "knowledge.db").exists()
 
 
 def test_refusals_exit_2_with_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -86,23 +86,21 @@ def test_reopening_keeps_files_and_answers(filled: KnowledgeBase, embedder: Shar
     again = KnowledgeBase(filled.root, embedder)
     assert [f.name for f in again.files()] == [f.name for f in filled.files()]
     assert again.search("door code of the warehouse", top_k=1)[0].chunk.source == "warehouse.pdf"
-    assert again.original_path("忘年会.txt").read_bytes() == FILES["忘年会.txt"]
+    assert again.original("忘年会.txt") == FILES["忘年会.txt"]
 
 
 def test_reupload_replaces_and_remove_deletes(tmp_path: Path, embedder: SharedEmbedder) -> None:
     kb = KnowledgeBase(tmp_path, embedder)
     first = kb.add_file("notes.txt", b"The secret colour is purple.")
-    old_original = kb.original_path("notes.txt")
     kb.add_file("notes.txt", b"The secret animal is an otter.")
-    assert kb.chunk_count() == 1
+    assert kb.chunk_count() == 1 and kb.original("notes.txt") == b"The secret animal is an otter."
     assert "otter" in kb.search("secret animal", top_k=5)[0].chunk.content
-    assert not old_original.exists()
     removed = kb.remove_file("notes.txt")
     assert removed.name == "notes.txt" and removed.sha256 != first.sha256
     assert kb.is_empty() and kb.search("secret") == []
-    assert not any((tmp_path / "files").iterdir())
-    with pytest.raises(FileNotInKnowledgeBase):
-        kb.remove_file("notes.txt")
+    for call in (lambda: kb.remove_file("notes.txt"), lambda: kb.original("notes.txt")):
+        with pytest.raises(FileNotInKnowledgeBase):
+            call()
 
 
 def test_the_same_bytes_again_are_not_embedded_again(tmp_path: Path, embedder: SharedEmbedder) -> None:
@@ -132,7 +130,7 @@ def test_a_refused_file_does_not_keep_the_others_out(tmp_path: Path, embedder: S
     )
     assert [f.name for f in added] == ["ok.txt", "up.md"]
     assert [(f.name, f.status) for f in failed] == [("big.txt", 413), ("x.exe", 415)]
-    assert (tmp_path / "files").is_dir() and not (tmp_path.parent / "up.md").exists()
+    assert kb.original("up.md") == b"# Up\n\nhi" and not (tmp_path.parent / "up.md").exists()
 
 
 def test_too_large_is_a_413(tmp_path: Path, embedder: SharedEmbedder) -> None:
@@ -148,16 +146,22 @@ def test_empty_query_is_refused(filled: KnowledgeBase) -> None:
     assert caught.value.param == "query"
 
 
-def test_orphan_originals_of_an_unfinished_upload_are_removed(
+def test_a_knowledge_base_of_an_earlier_version_is_migrated_on_first_start(
     tmp_path: Path, embedder: SharedEmbedder
 ) -> None:
-    kb = KnowledgeBase(tmp_path, embedder)
-    kb.add_file("kept.txt", b"Kept text.")
-    orphan = tmp_path / "files" / "0123456789abcdef" / "lost.txt"
-    orphan.parent.mkdir(parents=True)
-    orphan.write_bytes(b"never indexed")
-    KnowledgeBase(tmp_path, embedder)
-    assert not orphan.parent.exists() and kb.original_path("kept.txt").exists()
+    from easllm.rag.store import FaissStore, write_atomic
+
+    old = KnowledgeBase(tmp_path / "build", embedder, store=FaissStore(tmp_path / "index"))
+    for name in ("忘年会.txt", "warehouse.pdf"):
+        stored = old.add_file(name, FILES[name])  # as earlier versions kept the originals:
+        write_atomic(tmp_path / "files" / stored.sha256[:16] / name, FILES[name])
+    kb = KnowledgeBase(tmp_path, embedder, name="svc")
+    assert [f.name for f in kb.files()] == ["warehouse.pdf", "忘年会.txt"]
+    assert kb.search("忘年会の会費はいくらですか", top_k=1)[0].chunk.source == "忘年会.txt"
+    assert kb.original("warehouse.pdf") == FILES["warehouse.pdf"]
+    assert (tmp_path / "knowledge.db").is_file() and not (tmp_path / "index").exists()
+    again = KnowledgeBase(tmp_path, embedder, name="svc")  # a second start finds nothing to move
+    assert [f.name for f in again.files()] == ["warehouse.pdf", "忘年会.txt"]
 
 
 class HashEmbedder:

@@ -1,0 +1,443 @@
+"""`SqlStore`: a service's knowledge base in one database (SQLAlchemy), shared by all its replicas.
+
+The rows are the truth: `kb_bases` (one per service: a generation counter and the embedder),
+`kb_files`, `kb_originals` (the uploaded bytes) and `kb_chunks` (text and float32 vector). An upload
+or a removal is one transaction, which also moves the base's generation; the database serialises
+writers (the base row's lock on PostgreSQL, the write lock of SQLite in WAL mode) and a crash
+leaves the last committed state. Each store object keeps a FAISS index of the chunk rows as a
+cache: before answering it reads the generation (one row by primary key) and, when it moved,
+fetches from one snapshot only the chunk rows it lacks and drops the ones gone. A write through
+any replica is therefore seen by the next question to every replica.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from easllm.rag.splitter import Chunk
+from easllm.rag.store import Hit, StoredFile
+
+log = logging.getLogger(__name__)
+
+FETCH_BATCH = 500  # chunk rows per SELECT ... WHERE id IN (...) during a catch-up
+SCHEMA_LOCK = 0x6B62  # PostgreSQL advisory lock held while the tables are created ("kb")
+
+metadata = MetaData()
+bases = Table(
+    "kb_bases",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("generation", BigInteger, nullable=False, default=0),
+    Column("embedder", String(500)),  # None while the base holds no chunk
+    Column("dim", Integer),
+    Column("migrated_from", Text),  # the FaissStore folder imported on first start, if any
+)
+files = Table(
+    "kb_files",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("base_id", ForeignKey("kb_bases.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("name", String(512), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("chunks", Integer, nullable=False),
+    Column("pages", Integer),
+    Column("added_at", Float, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    UniqueConstraint("base_id", "name"),
+)
+originals = Table(
+    "kb_originals",
+    metadata,
+    Column("file_id", ForeignKey("kb_files.id", ondelete="CASCADE"), primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+)
+chunks = Table(
+    "kb_chunks",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("file_id", ForeignKey("kb_files.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("seq", Integer, nullable=False),  # position in its file
+    Column("content", Text, nullable=False),
+    Column("page", Integer),
+    Column("heading", Text),
+    Column("vector", LargeBinary, nullable=False),  # float32, L2-normalised
+    sqlite_autoincrement=True,  # ids are never reused: a cache compares id sets
+)
+
+
+class EmbedderMismatch(ValueError):
+    """The base holds vectors of another embedder or dimension."""
+
+
+@dataclass(frozen=True)
+class FileImport:
+    """One file with everything it is stored with: used by uploads and by the migration."""
+
+    file: StoredFile
+    chunks: Sequence[Chunk]
+    vectors: np.ndarray
+    original: bytes | None
+
+
+@dataclass(frozen=True)
+class _Cache:
+    generation: int
+    files: dict[str, StoredFile]
+    ids: list[int]  # chunk row ids, ascending; row i of the index is ids[i]
+    chunks: list[Chunk]
+    vectors: np.ndarray
+    index: Any  # faiss.IndexFlatIP, or None while empty
+    embedder: str | None
+
+
+MAX_URL_CHARS = 2048
+BACKENDS = ("sqlite", "postgresql")
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def check_database_url(url: str) -> str:
+    """`url` if it names a database this store supports; else ValueError saying why."""
+    from sqlalchemy.exc import ArgumentError
+
+    if len(url) > MAX_URL_CHARS:
+        raise ValueError(f"the database URL is {len(url)} characters; the limit is {MAX_URL_CHARS}")
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError:
+        raise ValueError(f"not a database URL: {url[:80]!r} (e.g. postgresql+psycopg://user@host/db)") from None
+    if backend not in BACKENDS:
+        raise ValueError(f"the knowledge base supports {' and '.join(BACKENDS)} databases, not {backend}")
+    return url
+
+
+def open_engine(url: str) -> Engine:
+    """An engine whose transactions are real snapshots on SQLite too (WAL, BEGIN at first use)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    if parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url)
+    event.listen(engine, "connect", _sqlite_connect)
+    event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # pysqlite opens transactions only before writes, so reads would not share one snapshot;
+    # SQLAlchemy's documented recipe: let the driver autocommit and emit BEGIN ourselves.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    # A writer takes the write lock at BEGIN: a deferred one could fail to upgrade (SQLITE_BUSY).
+    writing = connection.get_execution_options().get("kb_write", False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if writing else "BEGIN")
+
+
+class SqlStore:
+    """The `VectorStore` of a knowledge base named `name` (the service) in the database at `url`."""
+
+    def __init__(self, url: str, name: str) -> None:
+        import faiss
+
+        faiss.omp_set_num_threads(1)  # measured: 20x faster than 2 threads on a busy 2-core machine
+        self._faiss = faiss
+        self.name = name
+        self.engine = open_engine(url)
+        self.url = make_url(url).render_as_string(hide_password=True)
+        self._postgres = self.engine.dialect.name == "postgresql"
+        self._create_schema()
+        self._base_id = self._base_row_id()
+        self._catch_up_lock = threading.Lock()  # one catch-up at a time in this process
+        self._cache = _Cache(-1, {}, [], [], np.zeros((0, 0), np.float32), None, None)
+        cache = self.sync()
+        log.info("knowledge base %s in %s: %d files, %d chunks", name, self.url, len(cache.files), len(cache.ids))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- reading (each call first catches up with the database) --------------------------------
+
+    @property
+    def embedder(self) -> str | None:
+        return self.sync().embedder
+
+    @property
+    def generation(self) -> int:
+        return self.sync().generation
+
+    def files(self) -> list[StoredFile]:
+        return sorted(self.sync().files.values(), key=lambda f: f.name)
+
+    def chunk_count(self) -> int:
+        return len(self.sync().ids)
+
+    def search(self, vector: np.ndarray, k: int) -> list[Hit]:
+        cache = self.sync()
+        if cache.index is None or k < 1:
+            return []
+        query = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
+        scores, rows = cache.index.search(query, min(k, len(cache.ids)))
+        return [Hit(cache.chunks[i], float(s)) for s, i in zip(scores[0], rows[0], strict=True) if i >= 0]
+
+    def original(self, name: str) -> bytes | None:
+        """The uploaded bytes of an indexed file."""
+        query = (
+            select(originals.c.data)
+            .join(files, files.c.id == originals.c.file_id)
+            .where(files.c.base_id == self._base_id, files.c.name == name)
+        )
+        with self.engine.connect() as conn:
+            return conn.execute(query).scalar_one_or_none()
+
+    def sync(self) -> _Cache:
+        """The cache as of the database's latest commit: one row read when nothing changed."""
+        with self.engine.connect() as conn:
+            generation = conn.execute(
+                select(bases.c.generation).where(bases.c.id == self._base_id)
+            ).scalar_one()
+        if generation == self._cache.generation:
+            return self._cache
+        with self._catch_up_lock:
+            if self._cache.generation < generation:
+                self._cache = self._catch_up(self._cache)
+            return self._cache
+
+    # -- writing: one transaction each ----------------------------------------------------------
+
+    def put_file(
+        self,
+        file: StoredFile,
+        chunks: Sequence[Chunk],
+        vectors: np.ndarray,
+        embedder: str,
+        original: bytes | None = None,
+    ) -> None:
+        """Add a file's chunks (and its uploaded bytes), replacing any file of the same name."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or len(vectors) != len(chunks) or len(chunks) != file.chunks:
+            raise ValueError("one vector per chunk, and file.chunks chunks")
+        with self._writing() as (conn, base):
+            self._check_vectors(base, embedder, vectors.shape[1])
+            self._delete_file(conn, file.name)
+            self._insert_file(conn, FileImport(file, chunks, vectors, original))
+            conn.execute(update(bases).where(bases.c.id == self._base_id).values(embedder=embedder, dim=vectors.shape[1]))
+        self.sync()
+
+    def remove_file(self, name: str) -> StoredFile | None:
+        with self._writing() as (conn, _):
+            removed = self._delete_file(conn, name)
+            if removed is not None and not self._has_chunks(conn):
+                conn.execute(update(bases).where(bases.c.id == self._base_id).values(embedder=None, dim=None))
+        self.sync()
+        return removed
+
+    def import_files(self, items: Sequence[FileImport], embedder: str | None, source: str) -> bool:
+        """Fill an empty base never migrated before with `items` (a migration); False if it was not."""
+        with self._writing() as (conn, base):
+            has_files = conn.execute(select(func.count()).where(files.c.base_id == self._base_id)).scalar_one()
+            if base.migrated_from is not None or has_files:
+                return False
+            dim = items[0].vectors.shape[1] if items else None
+            for item in items:
+                self._insert_file(conn, item)
+            values = {"migrated_from": source, "embedder": embedder if items else None, "dim": dim}
+            conn.execute(update(bases).where(bases.c.id == self._base_id).values(**values))
+        self.sync()
+        return True
+
+    # -- internals ------------------------------------------------------------------------------
+
+    @contextmanager
+    def _writing(self) -> Iterator[tuple[Connection, Any]]:
+        """A write transaction holding the base row (PostgreSQL) or the database (SQLite)."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execution_options(kb_write=True)
+                with conn.begin():
+                    base = conn.execute(
+                        update(bases)
+                        .where(bases.c.id == self._base_id)
+                        .values(generation=bases.c.generation + 1)
+                        .returning(bases.c.generation, bases.c.embedder, bases.c.dim, bases.c.migrated_from)
+                    ).one()
+                    yield conn, base
+        except DBAPIError as exc:
+            if _is_disk_full(exc):
+                raise OSError(errno.ENOSPC, f"No space left for the knowledge base's database ({exc.orig})") from exc
+            raise
+
+    def _check_vectors(self, base: Any, embedder: str, dim: int) -> None:
+        if base.embedder is not None and base.embedder != embedder:
+            raise EmbedderMismatch(f"the store holds {base.embedder} vectors, not {embedder}")
+        if base.dim is not None and base.dim != dim:
+            raise EmbedderMismatch(f"the store holds {base.dim}-d vectors, not {dim}-d")
+
+    def _has_chunks(self, conn: Connection) -> bool:
+        query = select(chunks.c.id).join(files, files.c.id == chunks.c.file_id).where(files.c.base_id == self._base_id)
+        return conn.execute(query.limit(1)).first() is not None
+
+    def _delete_file(self, conn: Connection, name: str) -> StoredFile | None:
+        row = conn.execute(select(files).where(files.c.base_id == self._base_id, files.c.name == name)).one_or_none()
+        if row is None:
+            return None
+        for table in (chunks, originals):  # explicit: not every database enforces the cascade
+            conn.execute(delete(table).where(table.c.file_id == row.id))
+        conn.execute(delete(files).where(files.c.id == row.id))
+        return _stored_file(row)
+
+    def _insert_file(self, conn: Connection, item: FileImport) -> None:
+        f = item.file
+        values = {
+            "base_id": self._base_id,
+            "name": f.name,
+            "kind": f.kind,
+            "size": f.size,
+            "chunks": f.chunks,
+            "pages": f.pages,
+            "added_at": f.added_at,
+            "sha256": f.sha256,
+        }
+        file_id = conn.execute(insert(files).values(**values).returning(files.c.id)).scalar_one()
+        if item.original is not None:
+            conn.execute(insert(originals).values(file_id=file_id, data=item.original))
+        vectors = np.ascontiguousarray(item.vectors, dtype=np.float32)
+        rows = [
+            {
+                "file_id": file_id,
+                "seq": seq,
+                "content": c.content,
+                "page": c.page,
+                "heading": c.heading,
+                "vector": vectors[seq].tobytes(),
+            }
+            for seq, c in enumerate(item.chunks)
+        ]
+        if rows:
+            conn.execute(insert(chunks), rows)
+
+    def _create_schema(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execution_options(kb_write=True)
+            with conn.begin():
+                if self._postgres:  # two replicas starting at once must not both CREATE TABLE
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
+                metadata.create_all(conn)
+
+    def _base_row_id(self) -> int:
+        query = select(bases.c.id).where(bases.c.name == self.name)
+        for _ in range(2):  # the second pass finds the row another replica inserted meanwhile
+            with self.engine.begin() as conn:
+                found = conn.execute(query).scalar_one_or_none()
+                if found is not None:
+                    return found
+            try:
+                with self.engine.begin() as conn:
+                    return conn.execute(
+                        insert(bases).values(name=self.name, generation=0).returning(bases.c.id)
+                    ).scalar_one()
+            except IntegrityError:
+                continue
+        raise RuntimeError(f"knowledge base {self.name}: no row in kb_bases")
+
+    def _catch_up(self, cache: _Cache) -> _Cache:
+        with self._snapshot() as conn:
+            base = conn.execute(select(bases).where(bases.c.id == self._base_id)).one()
+            file_rows = conn.execute(select(files).where(files.c.base_id == self._base_id)).all()
+            names = {r.id: r.name for r in file_rows}
+            ids = list(
+                conn.execute(
+                    select(chunks.c.id)
+                    .join(files, files.c.id == chunks.c.file_id)
+                    .where(files.c.base_id == self._base_id)
+                    .order_by(chunks.c.id)
+                ).scalars()
+            )
+            cached = {cid: row for row, cid in enumerate(cache.ids)}
+            missing = [cid for cid in ids if cid not in cached]
+            fetched = {}
+            for start in range(0, len(missing), FETCH_BATCH):
+                batch = missing[start : start + FETCH_BATCH]
+                for r in conn.execute(select(chunks).where(chunks.c.id.in_(batch))):
+                    fetched[r.id] = r
+        dim = base.dim or 0
+        vectors = np.empty((len(ids), dim), dtype=np.float32)
+        chunk_list: list[Chunk] = []
+        for row, cid in enumerate(ids):
+            if cid in cached:
+                vectors[row] = cache.vectors[cached[cid]]
+                chunk_list.append(cache.chunks[cached[cid]])
+            else:
+                r = fetched[cid]
+                vectors[row] = np.frombuffer(r.vector, dtype=np.float32)
+                chunk_list.append(Chunk(names[r.file_id], r.content, r.page, r.heading))
+        index = None
+        if ids:
+            index = self._faiss.IndexFlatIP(dim)
+            index.add(vectors)
+        log.debug("knowledge base %s: generation %d, %d chunks fetched, %d kept", self.name, base.generation, len(missing), len(ids) - len(missing))
+        stored = {r.name: _stored_file(r) for r in file_rows}
+        return _Cache(base.generation, stored, ids, chunk_list, vectors, index, base.embedder if ids else None)
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[Connection]:
+        """A read-only transaction that sees one committed state throughout."""
+        with self.engine.connect() as conn:
+            if self._postgres:
+                conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                yield conn
+
+
+def _stored_file(row: Any) -> StoredFile:
+    return StoredFile(row.name, row.kind, row.size, row.chunks, row.pages, row.added_at, row.sha256)
+
+
+def _is_disk_full(exc: DBAPIError) -> bool:
+    orig = exc.orig
+    return "database or disk is full" in str(orig) or getattr(orig, "sqlstate", None) == "53100"
