@@ -31,7 +31,7 @@ KB_DATABASE_ENV = "EASLLM_KB_DATABASE_URL"
 
 def database_url_arg(text: str) -> str:
     """argparse type of --kb-database-url."""
-    from easllm.rag.sql_store import check_database_url
+    from easllm.rag.sql_schema import check_database_url
 
     try:
         return check_database_url(text)
@@ -56,7 +56,8 @@ def add_kb_commands(sub: Any) -> None:
         type=database_url_arg,
         default=os.environ.get(KB_DATABASE_ENV) or None,
         metavar="URL",
-        help=f"the service's knowledge-base database (without --url; default ${KB_DATABASE_ENV}, else the data dir's)",
+        help=f"the service's knowledge-base database (without --url; default ${KB_DATABASE_ENV}, "
+        "else the data dir's)",
     )
     where.add_argument(
         "--embedding-model",

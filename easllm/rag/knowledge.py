@@ -30,9 +30,10 @@ from easllm.config import KnowledgeConfig
 from easllm.errors import Conflict, InvalidRequest, StorageFull, TooLarge
 from easllm.rag.embedder import Embedder, SharedEmbedder
 from easllm.rag.loaders import PARAM, file_kind, load_document, safe_file_name
-from easllm.rag.splitter import Chunk, Splitter
 from easllm.rag.migrate import migrate_faiss_folder
-from easllm.rag.sql_store import EmbedderMismatch, SqlStore, sqlite_url
+from easllm.rag.splitter import Chunk, Splitter
+from easllm.rag.sql_schema import sqlite_url
+from easllm.rag.sql_store import EmbedderMismatch, SqlStore
 from easllm.rag.store import Hit, StoredFile, VectorStore
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,9 @@ class KnowledgeBase:
         try:  # one transaction: the file, its original and its chunks, or nothing
             self.store.put_file(stored, chunks, vectors, self.embedder_name, original=data)
         except EmbedderMismatch as exc:  # another replica filled the base with another embedder
-            raise Conflict(self._mismatch_message(self.store.embedder or str(exc)), "embedding_model") from exc
+            raise Conflict(
+                self._mismatch_message(self.store.embedder or str(exc)), "embedding_model"
+            ) from exc
         except OSError as exc:  # disk full, quota, read-only: the knowledge base stays as it was
             log.error("knowledge base: %s not saved: %s", safe, exc)
             raise StorageFull(

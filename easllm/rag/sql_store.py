@@ -1,7 +1,7 @@
 """`SqlStore`: a service's knowledge base in one database (SQLAlchemy), shared by all its replicas.
 
-The rows are the truth: `kb_bases` (one per service: a generation counter and the embedder),
-`kb_files`, `kb_originals` (the uploaded bytes) and `kb_chunks` (text and float32 vector). An upload
+The rows are the truth (`sql_schema.py`): `kb_bases` (one per service: a generation counter and
+the embedder), `kb_files`, `kb_originals` (the uploaded bytes) and `kb_chunks`. An upload
 or a removal is one transaction, which also moves the base's generation; the database serialises
 writers (the base row's lock on PostgreSQL, the write lock of SQLite in WAL mode) and a crash
 leaves the last committed state. Each store object keeps a FAISS index of the chunk rows as a
@@ -18,87 +18,21 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import (
-    BigInteger,
-    Column,
-    Connection,
-    Engine,
-    Float,
-    ForeignKey,
-    Integer,
-    LargeBinary,
-    MetaData,
-    String,
-    Table,
-    Text,
-    UniqueConstraint,
-    create_engine,
-    delete,
-    event,
-    func,
-    insert,
-    select,
-    text,
-    update,
-)
+from sqlalchemy import Connection, delete, func, insert, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from easllm.rag.splitter import Chunk
+from easllm.rag.sql_schema import bases, chunks, files, metadata, open_engine, originals
 from easllm.rag.store import Hit, StoredFile
 
 log = logging.getLogger(__name__)
 
 FETCH_BATCH = 500  # chunk rows per SELECT ... WHERE id IN (...) during a catch-up
 SCHEMA_LOCK = 0x6B62  # PostgreSQL advisory lock held while the tables are created ("kb")
-
-metadata = MetaData()
-bases = Table(
-    "kb_bases",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("name", String(200), nullable=False, unique=True),
-    Column("generation", BigInteger, nullable=False, default=0),
-    Column("embedder", String(500)),  # None while the base holds no chunk
-    Column("dim", Integer),
-    Column("migrated_from", Text),  # the FaissStore folder imported on first start, if any
-)
-files = Table(
-    "kb_files",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("base_id", ForeignKey("kb_bases.id", ondelete="CASCADE"), nullable=False, index=True),
-    Column("name", String(512), nullable=False),
-    Column("kind", String(16), nullable=False),
-    Column("size", BigInteger, nullable=False),
-    Column("chunks", Integer, nullable=False),
-    Column("pages", Integer),
-    Column("added_at", Float, nullable=False),
-    Column("sha256", String(64), nullable=False),
-    UniqueConstraint("base_id", "name"),
-)
-originals = Table(
-    "kb_originals",
-    metadata,
-    Column("file_id", ForeignKey("kb_files.id", ondelete="CASCADE"), primary_key=True),
-    Column("data", LargeBinary, nullable=False),
-)
-chunks = Table(
-    "kb_chunks",
-    metadata,
-    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
-    Column("file_id", ForeignKey("kb_files.id", ondelete="CASCADE"), nullable=False, index=True),
-    Column("seq", Integer, nullable=False),  # position in its file
-    Column("content", Text, nullable=False),
-    Column("page", Integer),
-    Column("heading", Text),
-    Column("vector", LargeBinary, nullable=False),  # float32, L2-normalised
-    sqlite_autoincrement=True,  # ids are never reused: a cache compares id sets
-)
 
 
 class EmbedderMismatch(ValueError):
@@ -126,59 +60,6 @@ class _Cache:
     embedder: str | None
 
 
-MAX_URL_CHARS = 2048
-BACKENDS = ("sqlite", "postgresql")
-
-
-def sqlite_url(path: Path) -> str:
-    return f"sqlite:///{path}"
-
-
-def check_database_url(url: str) -> str:
-    """`url` if it names a database this store supports; else ValueError saying why."""
-    from sqlalchemy.exc import ArgumentError
-
-    if len(url) > MAX_URL_CHARS:
-        raise ValueError(f"the database URL is {len(url)} characters; the limit is {MAX_URL_CHARS}")
-    try:
-        backend = make_url(url).get_backend_name()
-    except ArgumentError:
-        raise ValueError(f"not a database URL: {url[:80]!r} (e.g. postgresql+psycopg://user@host/db)") from None
-    if backend not in BACKENDS:
-        raise ValueError(f"the knowledge base supports {' and '.join(BACKENDS)} databases, not {backend}")
-    return url
-
-
-def open_engine(url: str) -> Engine:
-    """An engine whose transactions are real snapshots on SQLite too (WAL, BEGIN at first use)."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
-    if parsed.database not in (None, "", ":memory:"):
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url)
-    event.listen(engine, "connect", _sqlite_connect)
-    event.listen(engine, "begin", _sqlite_begin)
-    return engine
-
-
-def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
-    # pysqlite opens transactions only before writes, so reads would not share one snapshot;
-    # SQLAlchemy's documented recipe: let the driver autocommit and emit BEGIN ourselves.
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.close()
-
-
-def _sqlite_begin(connection: Connection) -> None:
-    # A writer takes the write lock at BEGIN: a deferred one could fail to upgrade (SQLITE_BUSY).
-    writing = connection.get_execution_options().get("kb_write", False)
-    connection.exec_driver_sql("BEGIN IMMEDIATE" if writing else "BEGIN")
-
-
 class SqlStore:
     """The `VectorStore` of a knowledge base named `name` (the service) in the database at `url`."""
 
@@ -196,7 +77,9 @@ class SqlStore:
         self._catch_up_lock = threading.Lock()  # one catch-up at a time in this process
         self._cache = _Cache(-1, {}, [], [], np.zeros((0, 0), np.float32), None, None)
         cache = self.sync()
-        log.info("knowledge base %s in %s: %d files, %d chunks", name, self.url, len(cache.files), len(cache.ids))
+        log.info(
+            "knowledge base %s in %s: %d files, %d chunks", name, self.url, len(cache.files), len(cache.ids)
+        )
 
     def close(self) -> None:
         self.engine.dispose()
@@ -266,7 +149,11 @@ class SqlStore:
             self._check_vectors(base, embedder, vectors.shape[1])
             self._delete_file(conn, file.name)
             self._insert_file(conn, FileImport(file, chunks, vectors, original))
-            conn.execute(update(bases).where(bases.c.id == self._base_id).values(embedder=embedder, dim=vectors.shape[1]))
+            conn.execute(
+                update(bases)
+                .where(bases.c.id == self._base_id)
+                .values(embedder=embedder, dim=vectors.shape[1])
+            )
         self.sync()
 
     def remove_file(self, name: str) -> StoredFile | None:
@@ -280,7 +167,9 @@ class SqlStore:
     def import_files(self, items: Sequence[FileImport], embedder: str | None, source: str) -> bool:
         """Fill an empty base never migrated before with `items` (a migration); False if it was not."""
         with self._writing() as (conn, base):
-            has_files = conn.execute(select(func.count()).where(files.c.base_id == self._base_id)).scalar_one()
+            has_files = conn.execute(
+                select(func.count()).where(files.c.base_id == self._base_id)
+            ).scalar_one()
             if base.migrated_from is not None or has_files:
                 return False
             dim = items[0].vectors.shape[1] if items else None
@@ -309,7 +198,9 @@ class SqlStore:
                     yield conn, base
         except DBAPIError as exc:
             if _is_disk_full(exc):
-                raise OSError(errno.ENOSPC, f"No space left for the knowledge base's database ({exc.orig})") from exc
+                raise OSError(
+                    errno.ENOSPC, f"No space left for the knowledge base's database ({exc.orig})"
+                ) from exc
             raise
 
     def _check_vectors(self, base: Any, embedder: str, dim: int) -> None:
@@ -319,11 +210,17 @@ class SqlStore:
             raise EmbedderMismatch(f"the store holds {base.dim}-d vectors, not {dim}-d")
 
     def _has_chunks(self, conn: Connection) -> bool:
-        query = select(chunks.c.id).join(files, files.c.id == chunks.c.file_id).where(files.c.base_id == self._base_id)
+        query = (
+            select(chunks.c.id)
+            .join(files, files.c.id == chunks.c.file_id)
+            .where(files.c.base_id == self._base_id)
+        )
         return conn.execute(query.limit(1)).first() is not None
 
     def _delete_file(self, conn: Connection, name: str) -> StoredFile | None:
-        row = conn.execute(select(files).where(files.c.base_id == self._base_id, files.c.name == name)).one_or_none()
+        row = conn.execute(
+            select(files).where(files.c.base_id == self._base_id, files.c.name == name)
+        ).one_or_none()
         if row is None:
             return None
         for table in (chunks, originals):  # explicit: not every database enforces the cascade
@@ -420,9 +317,17 @@ class SqlStore:
         if ids:
             index = self._faiss.IndexFlatIP(dim)
             index.add(vectors)
-        log.debug("knowledge base %s: generation %d, %d chunks fetched, %d kept", self.name, base.generation, len(missing), len(ids) - len(missing))
+        log.debug(
+            "knowledge base %s: generation %d, %d chunks fetched, %d kept",
+            self.name,
+            base.generation,
+            len(missing),
+            len(ids) - len(missing),
+        )
         stored = {r.name: _stored_file(r) for r in file_rows}
-        return _Cache(base.generation, stored, ids, chunk_list, vectors, index, base.embedder if ids else None)
+        return _Cache(
+            base.generation, stored, ids, chunk_list, vectors, index, base.embedder if ids else None
+        )
 
     @contextmanager
     def _snapshot(self) -> Iterator[Connection]:

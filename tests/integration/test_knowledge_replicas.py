@@ -25,9 +25,8 @@ FACT = "The lighthouse keeper's cat is called Pemberton and sleeps in the lamp r
 @pytest.fixture(scope="module")
 def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleProcess]:
     with running_console(tmp_path_factory.mktemp("console_kb")) as running:
-        out = running.cli(
-            "deploy", "--name", SERVICE, "--model", "gemma3-270m", "--replicas", "2", "--serve-args", SERVE_ARGS
-        )  # fmt: skip
+        deploy = ["deploy", "--name", SERVICE, "--model", "gemma3-270m", "--replicas", "2"]
+        out = running.cli(*deploy, "--serve-args", SERVE_ARGS)
         assert out.returncode == 0, out.stdout + out.stderr + running.log()
         yield running
 
@@ -123,7 +122,8 @@ def test_a_replica_killed_mid_upload_leaves_the_other_serving_the_last_commit(
     assert top_source(base, service, "Who services the bilge pump?") == "pumps.txt"
     assert top_source(service["invocation"]["endpoint"], service, "cat's name") == "cat.txt"
     back = console.wait_for(
-        SERVICE, lambda s: s["replicas"]["ready"] == 2 and victim["pid"] not in [i["pid"] for i in s["instances"]]
+        SERVICE,
+        lambda s: s["replicas"]["ready"] == 2 and victim["pid"] not in [i["pid"] for i in s["instances"]],
     )
     for url in replica_urls(back):
         assert listed(url, back) == ["cat.txt", "keys.txt", "pumps.txt"]

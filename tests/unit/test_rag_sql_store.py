@@ -18,7 +18,8 @@ from sqlalchemy import event
 
 from easllm.rag.migrate import migrate_faiss_folder
 from easllm.rag.splitter import Chunk
-from easllm.rag.sql_store import EmbedderMismatch, SqlStore, check_database_url, sqlite_url
+from easllm.rag.sql_schema import check_database_url, sqlite_url
+from easllm.rag.sql_store import EmbedderMismatch, SqlStore
 from easllm.rag.store import FaissStore, StoredFile, write_atomic
 
 
@@ -129,7 +130,7 @@ def test_concurrent_puts_of_different_files_through_two_replicas_all_survive(kb_
         start.wait()
         try:
             put(stores[i % 2], f"f{i}.txt", [unit(1, i), unit(i, 1)])
-        except BaseException as exc:  # noqa: BLE001  (reported below)
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=upload, args=(i,)) for i in range(8)]
