@@ -34,6 +34,7 @@ def kb_url(fresh_database: str) -> str:  # noqa: F811
     return fresh_database
 
 
+@pytest.mark.slow  # 25 s; the store tests above run on PostgreSQL in `make test`
 def test_two_servers_on_other_data_dirs_share_the_knowledge_base_in_postgresql(
     fresh_database: str,  # noqa: F811
     tmp_path: Path,
