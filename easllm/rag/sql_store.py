@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Connection, delete, func, insert, select, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
+from easllm.errors import StoreUnavailable
 from easllm.rag.splitter import Chunk
 from easllm.rag.sql_schema import bases, chunks, files, metadata, open_engine, originals
 from easllm.rag.store import Hit, StoredFile
@@ -115,18 +116,18 @@ class SqlStore:
             .join(files, files.c.id == originals.c.file_id)
             .where(files.c.base_id == self._base_id, files.c.name == name)
         )
-        with self.engine.connect() as conn:
+        with self._errors(), self.engine.connect() as conn:
             return conn.execute(query).scalar_one_or_none()
 
     def sync(self) -> _Cache:
         """The cache as of the database's latest commit: one row read when nothing changed."""
-        with self.engine.connect() as conn:
+        with self._errors(), self.engine.connect() as conn:
             generation = conn.execute(
                 select(bases.c.generation).where(bases.c.id == self._base_id)
             ).scalar_one()
         if generation == self._cache.generation:
             return self._cache
-        with self._catch_up_lock:
+        with self._catch_up_lock, self._errors():
             if self._cache.generation < generation:
                 self._cache = self._catch_up(self._cache)
             return self._cache
@@ -185,21 +186,32 @@ class SqlStore:
     @contextmanager
     def _writing(self) -> Iterator[tuple[Connection, Any]]:
         """A write transaction holding the base row (PostgreSQL) or the database (SQLite)."""
+        with self._errors(), self.engine.connect() as conn:
+            conn.execution_options(kb_write=True)
+            with conn.begin():
+                base = conn.execute(
+                    update(bases)
+                    .where(bases.c.id == self._base_id)
+                    .values(generation=bases.c.generation + 1)
+                    .returning(bases.c.generation, bases.c.embedder, bases.c.dim, bases.c.migrated_from)
+                ).one()
+                yield conn, base
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """A full database is a full disk (OSError, ENOSPC); one out of reach, or locked, is a 503."""
         try:
-            with self.engine.connect() as conn:
-                conn.execution_options(kb_write=True)
-                with conn.begin():
-                    base = conn.execute(
-                        update(bases)
-                        .where(bases.c.id == self._base_id)
-                        .values(generation=bases.c.generation + 1)
-                        .returning(bases.c.generation, bases.c.embedder, bases.c.dim, bases.c.migrated_from)
-                    ).one()
-                    yield conn, base
+            yield
         except DBAPIError as exc:
             if _is_disk_full(exc):
                 raise OSError(
                     errno.ENOSPC, f"No space left for the knowledge base's database ({exc.orig})"
+                ) from exc
+            if isinstance(exc, OperationalError | InterfaceError):
+                log.error("knowledge base %s: database %s: %s", self.name, self.url, exc.orig)
+                raise StoreUnavailable(
+                    f"the knowledge base's database cannot be used now ({type(exc.orig).__name__}); "
+                    "try again shortly"
                 ) from exc
             raise
 
@@ -286,48 +298,45 @@ class SqlStore:
         with self._snapshot() as conn:
             base = conn.execute(select(bases).where(bases.c.id == self._base_id)).one()
             file_rows = conn.execute(select(files).where(files.c.base_id == self._base_id)).all()
-            names = {r.id: r.name for r in file_rows}
-            ids = list(
+            ids = np.asarray(
                 conn.execute(
                     select(chunks.c.id)
                     .join(files, files.c.id == chunks.c.file_id)
                     .where(files.c.base_id == self._base_id)
                     .order_by(chunks.c.id)
-                ).scalars()
+                )
+                .scalars()
+                .all(),
+                dtype=np.int64,
             )
-            cached = {cid: row for row, cid in enumerate(cache.ids)}
-            missing = [cid for cid in ids if cid not in cached]
-            fetched = {}
+            old_rows, kept = _rows_of(np.asarray(cache.ids, dtype=np.int64), ids)
+            missing = ids[~kept].tolist()
+            fetched = []
             for start in range(0, len(missing), FETCH_BATCH):
                 batch = missing[start : start + FETCH_BATCH]
-                for r in conn.execute(select(chunks).where(chunks.c.id.in_(batch))):
-                    fetched[r.id] = r
-        dim = base.dim or 0
-        vectors = np.empty((len(ids), dim), dtype=np.float32)
-        chunk_list: list[Chunk] = []
-        for row, cid in enumerate(ids):
-            if cid in cached:
-                vectors[row] = cache.vectors[cached[cid]]
-                chunk_list.append(cache.chunks[cached[cid]])
-            else:
-                r = fetched[cid]
-                vectors[row] = np.frombuffer(r.vector, dtype=np.float32)
-                chunk_list.append(Chunk(names[r.file_id], r.content, r.page, r.heading))
+                fetched += conn.execute(
+                    select(chunks).where(chunks.c.id.in_(batch)).order_by(chunks.c.id)
+                ).all()
+        names = {r.id: r.name for r in file_rows}
+        vectors = np.empty((len(ids), base.dim or 0), dtype=np.float32)
+        if kept.any():
+            vectors[kept] = cache.vectors[old_rows[kept]]
+        old = cache.chunks
+        pairs = zip(old_rows.tolist(), kept.tolist(), strict=True)
+        chunk_list: list[Chunk] = [old[i] if k else None for i, k in pairs]  # type: ignore[misc]
+        for row, r in zip(np.flatnonzero(~kept), fetched, strict=True):
+            vectors[row] = np.frombuffer(r.vector, dtype=np.float32)
+            chunk_list[row] = Chunk(names[r.file_id], r.content, r.page, r.heading)
         index = None
-        if ids:
-            index = self._faiss.IndexFlatIP(dim)
+        if len(ids):
+            index = self._faiss.IndexFlatIP(vectors.shape[1])
             index.add(vectors)
         log.debug(
-            "knowledge base %s: generation %d, %d chunks fetched, %d kept",
-            self.name,
-            base.generation,
-            len(missing),
-            len(ids) - len(missing),
+            "knowledge base %s: generation %d, %d chunks fetched", self.name, base.generation, len(missing)
         )
         stored = {r.name: _stored_file(r) for r in file_rows}
-        return _Cache(
-            base.generation, stored, ids, chunk_list, vectors, index, base.embedder if ids else None
-        )
+        embedder = base.embedder if len(ids) else None
+        return _Cache(base.generation, stored, ids.tolist(), chunk_list, vectors, index, embedder)
 
     @contextmanager
     def _snapshot(self) -> Iterator[Connection]:
@@ -337,6 +346,14 @@ class SqlStore:
                 conn.execution_options(isolation_level="REPEATABLE READ")
             with conn.begin():
                 yield conn
+
+
+def _rows_of(old_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each of `ids` (ascending) its row among `old_ids` (ascending), and whether it is there."""
+    if not len(old_ids):
+        return np.zeros(len(ids), dtype=np.int64), np.zeros(len(ids), dtype=bool)
+    rows = np.minimum(np.searchsorted(old_ids, ids), len(old_ids) - 1)
+    return rows, old_ids[rows] == ids
 
 
 def _stored_file(row: Any) -> StoredFile:

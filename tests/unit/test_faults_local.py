@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from easllm.errors import InvalidRequest, NotReady, TooLarge
 from easllm.history.export import HistoryExporter, period_name
 from easllm.rag import loaders
 from easllm.rag.loaders import load_document
+from easllm.rag.sql_schema import open_engine
 from easllm.server.app import create_app
 from tests.rag_samples import pdf_bytes
 
@@ -73,7 +75,7 @@ def test_a_full_database_during_ingestion_is_a_507_naming_the_file_and_changes_n
 ) -> None:
     assert upload(client, "kept.txt", "The vault opens with the word marigold.").status_code == 200
     undo = fill_the_database(client)
-    pumps = "Fresh words about pumps and valves. " * 600  # pages more than the database may grow by
+    pumps = "Fresh words about pumps." + " " * 30_000  # one chunk, but its original needs new pages
     files = [("files", ("new.txt", pumps.encode())), ("files", ("x.exe", b"MZ"))]
     r = client.post("/v1/knowledge/files", files=files, headers=AUTH)
     assert r.status_code == 507, r.text
@@ -89,6 +91,34 @@ def test_a_full_database_during_ingestion_is_a_507_naming_the_file_and_changes_n
     assert knowledge.store.original("new.txt") is None
     undo()
     assert upload(client, "new.txt", pumps).status_code == 200  # space is back
+
+
+def test_a_knowledge_base_database_out_of_reach_is_a_503_on_every_route_not_a_500(
+    client: TestClient,
+) -> None:
+    assert upload(client, "kept.txt", "The vault opens with the word marigold.").status_code == 200
+    store = client.app.state.knowledge.store
+    reachable = store.engine
+    with socket.socket() as s:  # a port nothing listens on: connections are refused at once
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    store.engine = open_engine(f"postgresql+psycopg://kb@127.0.0.1:{closed}/kb")
+    try:
+        replies = [
+            client.get("/v1/knowledge/files", headers=AUTH),
+            client.post("/v1/knowledge/query", json={"query": "vault"}, headers=AUTH),
+            upload(client, "new.txt", "Fresh words about pumps."),
+            client.delete("/v1/knowledge/files/kept.txt", headers=AUTH),
+            client.post("/", json={"prompt": "vault word?", "langchain": True}, headers=AUTH),
+        ]
+        assert [r.status_code for r in replies] == [503] * 5, [r.text for r in replies]
+        assert all("database cannot be used now" in r.text for r in replies)
+        assert client.post("/", content=b"still serving [eos]", headers=AUTH).status_code == 200
+    finally:
+        store.engine = reachable
+    assert [f["name"] for f in client.get("/v1/knowledge/files", headers=AUTH).json()["files"]] == [
+        "kept.txt"
+    ]
 
 
 # -- an engine closed with requests waiting ---------------------------------------------------------
