@@ -90,6 +90,10 @@ class KnowledgeBase:
         if built_by is not None and built_by != self.embedder_name:
             log.error("%s", self._mismatch_message(built_by))
 
+    def close(self) -> None:
+        """Let go of the store's database connections."""
+        self.store.close()
+
     # -- reading --------------------------------------------------------------------------------
 
     @property

@@ -77,6 +77,8 @@ class VectorStore(Protocol):
         """The uploaded bytes of an indexed file, if the store keeps them."""
         ...
 
+    def close(self) -> None: ...
+
     def search(self, vector: np.ndarray, k: int) -> list[Hit]:
         """Up to k chunks, best first; `vector` is one L2-normalised query embedding."""
         ...
@@ -204,6 +206,9 @@ class FaissStore:
 
     def original(self, name: str) -> bytes | None:
         return None
+
+    def close(self) -> None:
+        pass
 
     def search(self, vector: np.ndarray, k: int) -> list[Hit]:
         state = self._state

@@ -46,6 +46,7 @@ def create_app(config: ServerConfig, engine: Engine) -> FastAPI:
             await engine.close()
             if history is not None:  # the open period is exported now, not at the next start
                 await asyncio.to_thread(history.close)
+            app.state.knowledge.close()
 
     # No open /docs or /redoc (they load Swagger from a CDN); /openapi.json needs the token.
     app = FastAPI(
