@@ -73,8 +73,9 @@ class SqlStore:
         self.engine = open_engine(url)
         self.url = make_url(url).render_as_string(hide_password=True)
         self._postgres = self.engine.dialect.name == "postgresql"
-        self._create_schema()
-        self._base_id = self._base_row_id()
+        with self._errors():
+            self._create_schema()
+            self._base_id = self._base_row_id()
         self._catch_up_lock = threading.Lock()  # one catch-up at a time in this process
         self._cache = _Cache(-1, {}, [], [], np.zeros((0, 0), np.float32), None, None)
         cache = self.sync()
