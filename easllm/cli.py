@@ -229,6 +229,13 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="chunks whose cosine score is lower are not used (default %(default)s)",
     )
     k.add_argument(
+        "--kb-retrieval",
+        choices=["hybrid", "vector", "keyword"],
+        default="hybrid",
+        help="how chunks are found: BM25 keywords and vectors fused by rank, or one of the two "
+        "(default %(default)s)",
+    )
+    k.add_argument(
         "--kb-max-file-mb",
         type=_ranged(float, 0, low_open=True),
         default=50.0,
@@ -308,6 +315,7 @@ def configs_from(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
             chunk_overlap=args.kb_chunk_overlap,
             top_k=args.kb_top_k,
             score_threshold=args.kb_score_threshold,
+            retrieval=args.kb_retrieval,
             max_file_mb=args.kb_max_file_mb,
             database_url=args.kb_database_url,
         ),

@@ -105,7 +105,7 @@ class ChatService:
                 "with langchain",
                 "langchain",
             )
-        return kb.search(question)
+        return kb.context(question)
 
     def _prepare(
         self,

@@ -31,6 +31,7 @@ from easllm.errors import Conflict, InvalidRequest, StorageFull, TooLarge
 from easllm.rag.embedder import Embedder, SharedEmbedder
 from easllm.rag.loaders import PARAM, file_kind, load_document, safe_file_name
 from easllm.rag.migrate import migrate_faiss_folder
+from easllm.rag.retriever import merge_adjacent, retrieve
 from easllm.rag.splitter import Chunk, Splitter
 from easllm.rag.sql_schema import sqlite_url
 from easllm.rag.sql_store import EmbedderMismatch, SqlStore
@@ -116,8 +117,10 @@ class KnowledgeBase:
             raise FileNotInKnowledgeBase(name)
         return data
 
-    def search(self, query: str, top_k: int | None = None, min_score: float | None = None) -> list[Hit]:
-        """The chunks nearest to `query`, best first; defaults from the config."""
+    def search(
+        self, query: str, top_k: int | None = None, min_score: float | None = None, mode: str | None = None
+    ) -> list[Hit]:
+        """The chunks for `query`, best first (`retriever.retrieve`); defaults from the config."""
         if not query.strip():
             raise InvalidRequest("the query is empty", "query")
         if self.is_empty():
@@ -126,7 +129,11 @@ class KnowledgeBase:
         k = self.config.top_k if top_k is None else top_k
         threshold = self.config.score_threshold if min_score is None else min_score
         vector = self._embedder().embed_queries([query])[0]
-        return [hit for hit in self.store.search(vector, k) if hit.score >= threshold]
+        return retrieve(self.store, query, vector, k, threshold, mode or self.config.retrieval)
+
+    def context(self, question: str) -> list[Hit]:
+        """The excerpts a grounded answer reads: the search's chunks, neighbours merged into one."""
+        return merge_adjacent(self.search(question), self.config.chunk_overlap)
 
     # -- writing --------------------------------------------------------------------------------
 

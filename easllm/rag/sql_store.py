@@ -26,6 +26,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
 from easllm.errors import StoreUnavailable
+from easllm.rag.keyword import KeywordIndex
 from easllm.rag.splitter import Chunk
 from easllm.rag.sql_schema import bases, chunks, files, metadata, open_engine, originals
 from easllm.rag.store import Hit, StoredFile
@@ -54,7 +55,7 @@ class FileImport:
 class _Cache:
     generation: int
     files: dict[str, StoredFile]
-    ids: list[int]  # chunk row ids, ascending; row i of the index is ids[i]
+    ids: np.ndarray  # chunk row ids (int64), ascending; row i of the index is ids[i]
     chunks: list[Chunk]
     vectors: np.ndarray
     index: Any  # faiss.IndexFlatIP, or None while empty
@@ -77,7 +78,8 @@ class SqlStore:
             self._create_schema()
             self._base_id = self._base_row_id()
         self._catch_up_lock = threading.Lock()  # one catch-up at a time in this process
-        self._cache = _Cache(-1, {}, [], [], np.zeros((0, 0), np.float32), None, None)
+        self._keywords = KeywordIndex()  # BM25 over the cached chunks, updated in place by catch-ups
+        self._cache = _Cache(-1, {}, np.zeros(0, np.int64), [], np.zeros((0, 0), np.float32), None, None)
         cache = self.sync()
         log.info(
             "knowledge base %s in %s: %d files, %d chunks", name, self.url, len(cache.files), len(cache.ids)
@@ -108,7 +110,30 @@ class SqlStore:
             return []
         query = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
         scores, rows = cache.index.search(query, min(k, len(cache.ids)))
-        return [Hit(cache.chunks[i], float(s)) for s, i in zip(scores[0], rows[0], strict=True) if i >= 0]
+        pairs = zip(scores[0].tolist(), rows[0].tolist(), strict=True)
+        return [Hit(cache.chunks[i], s, int(cache.ids[i])) for s, i in pairs if i >= 0]
+
+    def keyword_search(self, query: str, k: int) -> list[Hit]:
+        """Up to k chunks by BM25 (`keyword.KeywordIndex`), best first; score: the BM25 score."""
+        cache = self.sync()
+        found = self._keywords.search(query, k)
+        if not found:
+            return []
+        rows, present = _rows_of(cache.ids, np.asarray([i for i, _ in found], dtype=np.int64))
+        # A chunk a concurrent catch-up just indexed is not in this snapshot yet: left out.
+        pairs = zip(found, rows.tolist(), present.tolist(), strict=True)
+        return [Hit(cache.chunks[row], score, chunk_id) for (chunk_id, score), row, ok in pairs if ok]
+
+    def similarities(self, vector: np.ndarray, ids: Sequence[int]) -> list[float]:
+        """The cosine similarity of `vector` to each chunk id's vector (-1 for an id gone meanwhile)."""
+        cache = self._cache
+        if not len(ids):
+            return []
+        rows, present = _rows_of(cache.ids, np.asarray(ids, dtype=np.int64))
+        if not len(cache.ids):
+            return [-1.0] * len(ids)
+        scores = cache.vectors[rows] @ np.asarray(vector, dtype=np.float32)
+        return np.where(present, scores, -1.0).tolist()
 
     def original(self, name: str) -> bytes | None:
         """The uploaded bytes of an indexed file."""
@@ -310,7 +335,7 @@ class SqlStore:
                 .all(),
                 dtype=np.int64,
             )
-            old_rows, kept = _rows_of(np.asarray(cache.ids, dtype=np.int64), ids)
+            old_rows, kept = _rows_of(cache.ids, ids)
             missing = ids[~kept].tolist()
             fetched = []
             for start in range(0, len(missing), FETCH_BATCH):
@@ -337,7 +362,9 @@ class SqlStore:
         )
         stored = {r.name: _stored_file(r) for r in file_rows}
         embedder = base.embedder if len(ids) else None
-        return _Cache(base.generation, stored, ids.tolist(), chunk_list, vectors, index, embedder)
+        self._keywords.remove(cache.ids[~np.isin(cache.ids, ids)].tolist())
+        self._keywords.add((int(ids[row]), chunk_list[row].embedding_text()) for row in np.flatnonzero(~kept))
+        return _Cache(base.generation, stored, ids, chunk_list, vectors, index, embedder)
 
     @contextmanager
     def _snapshot(self) -> Iterator[Connection]:
@@ -350,7 +377,7 @@ class SqlStore:
 
 
 def _rows_of(old_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each of `ids` (ascending) its row among `old_ids` (ascending), and whether it is there."""
+    """For each of `ids` its row among `old_ids` (ascending), and whether it is there."""
     if not len(old_ids):
         return np.zeros(len(ids), dtype=np.int64), np.zeros(len(ids), dtype=bool)
     rows = np.minimum(np.searchsorted(old_ids, ids), len(old_ids) - 1)

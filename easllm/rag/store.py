@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from easllm.rag.keyword import KeywordIndex
 from easllm.rag.splitter import Chunk
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class StoredFile:
 class Hit:
     chunk: Chunk
     score: float
+    id: int | None = None  # the store's chunk id: a file's chunks have consecutive ids, in order
 
 
 class VectorStore(Protocol):
@@ -83,6 +85,14 @@ class VectorStore(Protocol):
         """Up to k chunks, best first; `vector` is one L2-normalised query embedding."""
         ...
 
+    def keyword_search(self, query: str, k: int) -> list[Hit]:
+        """Up to k chunks by BM25 (`keyword.KeywordIndex`), best first; score: the BM25 score."""
+        ...
+
+    def similarities(self, vector: np.ndarray, ids: Sequence[int]) -> list[float]:
+        """The cosine similarity of `vector` to each chunk id's vector."""
+        ...
+
 
 @dataclass(frozen=True)
 class _State:
@@ -91,13 +101,14 @@ class _State:
     index: Any  # faiss.IndexFlatIP, or None while empty
     embedder: str | None
     generation: int
+    keywords: KeywordIndex  # ids: rows of the index
 
 
 def read_generation(root: Path, faiss: Any) -> _State:
     """The committed generation of a FaissStore folder, read without changing anything."""
     manifest_path = root / "manifest.json"
     if not manifest_path.exists():
-        return _State({}, [], None, None, 0)
+        return _State({}, [], None, None, 0, KeywordIndex())
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("format") != FORMAT:
         raise RuntimeError(f"{manifest_path}: unknown knowledge-base format {manifest.get('format')}")
@@ -111,7 +122,7 @@ def read_generation(root: Path, faiss: Any) -> _State:
         index = faiss.deserialize_index(blob)
         if index.ntotal != len(chunks):
             raise RuntimeError(f"{root}: generation {generation} has {index.ntotal} vectors")
-    return _State(files, chunks, index, manifest.get("embedder"), generation)
+    return _State(files, chunks, index, manifest.get("embedder"), generation, _keywords(chunks))
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -216,7 +227,19 @@ class FaissStore:
             return []
         query = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
         scores, ids = state.index.search(query, min(k, len(state.chunks)))
-        return [Hit(state.chunks[i], float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+        pairs = zip(scores[0], ids[0], strict=True)
+        return [Hit(state.chunks[i], float(s), int(i)) for s, i in pairs if i >= 0]
+
+    def keyword_search(self, query: str, k: int) -> list[Hit]:
+        state = self._state
+        return [Hit(state.chunks[i], score, i) for i, score in state.keywords.search(query, k)]
+
+    def similarities(self, vector: np.ndarray, ids: Sequence[int]) -> list[float]:
+        state = self._state
+        if state.index is None or not len(ids):
+            return []
+        rows = np.asarray(ids, dtype=np.int64)
+        return [float(s) for s in state.index.reconstruct_batch(rows) @ np.asarray(vector, dtype=np.float32)]
 
     # -- persistence ---------------------------------------------------------------------------
 
@@ -242,7 +265,7 @@ class FaissStore:
         write_atomic(self.root / f"gen-{generation}.json", json.dumps(meta, ensure_ascii=False).encode())
         manifest = {"format": FORMAT, "generation": generation, "embedder": embedder, "chunks": len(chunks)}
         write_atomic(self.root / "manifest.json", json.dumps(manifest).encode())  # the commit point
-        self._state = _State(files, chunks, index, embedder, generation)
+        self._state = _State(files, chunks, index, embedder, generation, _keywords(chunks))
         self._remove_other_generations(generation)
 
     def _load(self) -> _State:
@@ -262,3 +285,7 @@ class FaissStore:
             stale_gen = path.name.startswith("gen-") and generation != str(keep)
             if stale_tmp or stale_gen:
                 path.unlink(missing_ok=True)
+
+
+def _keywords(chunks: list[Chunk]) -> KeywordIndex:
+    return KeywordIndex((i, c.embedding_text()) for i, c in enumerate(chunks))

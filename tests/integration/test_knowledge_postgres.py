@@ -22,6 +22,7 @@ from tests.unit.test_rag_sql_store import (  # noqa: F401  (collected here, on P
     test_removing_the_last_file_empties_the_base_and_frees_the_embedder,
     test_same_name_replaces_and_remove_then_reopen_keeps_the_rest,
     test_search_ranks_by_cosine_and_keeps_pages,
+    test_the_keyword_index_is_fed_from_the_rows_like_faiss,
     test_two_services_in_one_database_are_separate,
 )
 

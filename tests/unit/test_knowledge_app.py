@@ -291,8 +291,9 @@ def test_excerpts_are_dropped_lowest_score_first_to_fit_the_context(tmp_path: Pa
         all_hits = c.post(
             "/v1/knowledge/query", json={"query": "How do I install deepspeed?", "top_k": 4}, headers=AUTH
         ).json()["results"]
-        assert 1 <= len(sources) < len(all_hits)
-        assert [s["content"] for s in sources] == [h["content"] for h in all_hits[: len(sources)]]
+        used = [any(h["content"] in s["content"] for s in sources) for h in all_hits]  # neighbours merged
+        assert any(used) and not all(used)
+        assert used == sorted(used, reverse=True)  # the best-ranked kept, the rest dropped
         assert len(engine.requests[-1].prompt_token_ids) + 8 <= 700
 
 

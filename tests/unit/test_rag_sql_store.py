@@ -101,6 +101,22 @@ def test_a_write_through_one_replica_is_seen_by_the_other_at_once(kb_url: str) -
     assert one.generation == two.generation
 
 
+def test_the_keyword_index_is_fed_from_the_rows_like_faiss(kb_url: str) -> None:
+    one, two = SqlStore(kb_url, "svc"), SqlStore(kb_url, "svc")
+    chunks = [Chunk("ja.txt", "デプロイは約5分かかります。"), Chunk("ja.txt", "料金は無料です。")]
+    one.put_file(record("ja.txt", 2), chunks, np.stack([unit(1, 0), unit(0, 1)]), "e")
+    [hit] = two.keyword_search("デプロイ時間", 5)  # fed by the other replica's write, at once
+    assert hit.chunk == chunks[0] and hit.id is not None and hit.score > 0
+    assert [h.id for h in two.search(unit(1, 0), 1)] == [hit.id]  # one id for both rankings
+    assert two.similarities(unit(0, 1), [hit.id]) == pytest.approx([0.0], abs=1e-6)
+    put(one, "en.txt", [unit(1, 1)])
+    assert [h.chunk.source for h in two.keyword_search("en.txt chunk", 5)] == ["en.txt"]
+    one.remove_file("ja.txt")
+    assert two.keyword_search("デプロイ", 5) == [] and two.similarities(unit(1, 0), [hit.id]) == [-1.0]
+    ids = [h.id for h in two.search(unit(1, 1), 1)]
+    assert SqlStore(kb_url, "svc").keyword_search("en.txt", 5)[0].id == ids[0]  # the same on a restart
+
+
 def test_catching_up_fetches_only_the_new_rows(kb_url: str) -> None:
     one, two = SqlStore(kb_url, "svc"), SqlStore(kb_url, "svc")
     put(one, "big.txt", [unit(1, i / 10) for i in range(20)])
