@@ -20,6 +20,7 @@ from tests.unit.test_rag_sql_store import (  # noqa: F401  (collected here, on P
     test_catching_up_fetches_only_the_new_rows,
     test_concurrent_puts_of_different_files_through_two_replicas_all_survive,
     test_removing_the_last_file_empties_the_base_and_frees_the_embedder,
+    test_replicas_starting_at_once_on_a_fresh_database_make_one_schema_and_one_base,
     test_same_name_replaces_and_remove_then_reopen_keeps_the_rest,
     test_search_ranks_by_cosine_and_keeps_pages,
     test_the_keyword_index_is_fed_from_the_rows_like_faiss,

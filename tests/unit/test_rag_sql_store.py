@@ -160,6 +160,28 @@ def test_concurrent_puts_of_different_files_through_two_replicas_all_survive(kb_
         assert names(store) == expected and store.chunk_count() == 16
 
 
+def test_replicas_starting_at_once_on_a_fresh_database_make_one_schema_and_one_base(kb_url: str) -> None:
+    start = threading.Barrier(4)
+    stores: list[SqlStore] = []
+    errors: list[BaseException] = []
+
+    def open_store() -> None:
+        start.wait()
+        try:
+            stores.append(SqlStore(kb_url, "svc"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and len(stores) == 4
+    put(stores[0], "a.txt", [unit(1, 0)])
+    assert all(names(s) == ["a.txt"] for s in stores)
+
+
 def test_two_services_in_one_database_are_separate(kb_url: str) -> None:
     put(SqlStore(kb_url, "alpha"), "a.txt", [unit(1, 0)])
     beta = SqlStore(kb_url, "beta")
