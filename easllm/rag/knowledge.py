@@ -5,7 +5,8 @@ Used by the HTTP routes, the chat service (`langchain: true`) and the WebUI:
     kb = KnowledgeBase(data_dir / "knowledge", SharedEmbedder(), KnowledgeConfig())
     kb.add_file("install.md", data, progress=print)     # -> StoredFile; re-adding a name replaces it
     kb.files()                                          # -> [StoredFile(name, kind, size, chunks, ...)]
-    kb.search("How do I install deepspeed?")            # -> [Hit(chunk, score)], best first
+    kb.search("How do I install deepspeed?")            # -> [Hit(chunk, score, id)], best first (hybrid)
+    kb.context("How do I install deepspeed?")           # -> the same, neighbouring chunks merged
     kb.remove_file("install.md")
 
 Every method blocks (parsing, embedding, disk): call them off the event loop. Originals are kept
