@@ -31,7 +31,7 @@ from easllm.config import KnowledgeConfig
 from easllm.errors import Conflict, InvalidRequest, StorageFull, TooLarge
 from easllm.rag.embedder import Embedder, SharedEmbedder
 from easllm.rag.loaders import PARAM, file_kind, load_document, safe_file_name
-from easllm.rag.retriever import merge_adjacent, retrieve
+from easllm.rag.retriever import MODES, merge_adjacent, retrieve
 from easllm.rag.splitter import Chunk, Splitter
 from easllm.rag.store import FaissStore, Hit, StoredFile, VectorStore, write_atomic
 
@@ -94,6 +94,8 @@ class KnowledgeBase:
     ) -> None:
         self.root = root
         self.config = config or KnowledgeConfig()
+        if self.config.retrieval not in MODES:
+            raise ValueError(f"retrieval {self.config.retrieval!r}: choose one of {', '.join(MODES)}")
         self.splitter = Splitter(self.config.chunk_size, self.config.chunk_overlap)
         self._embedder_source = embedder
         self.store: VectorStore = store if store is not None else FaissStore(root / "index")

@@ -207,3 +207,23 @@ def test_an_index_built_by_another_embedder_is_a_clear_conflict(tmp_path: Path) 
     other.remove_file("a.txt")  # removing still works, and an empty base adopts the new embedder
     other.add_file("b.txt", b"beta")
     assert other.search("beta", top_k=1)[0].chunk.source == "b.txt"
+
+
+def test_an_unknown_retrieval_mode_is_refused_at_start(tmp_path: Path, embedder: SharedEmbedder) -> None:
+    with pytest.raises(ValueError, match="hybrid, vector, keyword"):
+        KnowledgeBase(tmp_path, embedder, KnowledgeConfig(retrieval="fuzzy"))
+
+
+def test_search_modes_rank_the_exact_term_and_context_merges_neighbours(
+    tmp_path: Path, embedder: SharedEmbedder
+) -> None:
+    kb = KnowledgeBase(tmp_path, embedder, KnowledgeConfig(chunk_size=60, chunk_overlap=0))
+    text = "The plant opens at nine. Staff badges use code ZX-4471-Q at the east gate."
+    kb.add_file("site.txt", (text + "\n\n" + "Lunch is served in the canteen at noon.").encode())
+    assert kb.chunk_count() == 3 and not any(
+        "nine" in h.chunk.content and "ZX" in h.chunk.content for h in kb.search("x")
+    )
+    for mode in ("hybrid", "keyword"):
+        assert "ZX-4471-Q" in kb.search("ZX-4471-Q", top_k=1, mode=mode)[0].chunk.content
+    context = kb.context("When does the plant open and what is the badge code?")
+    assert any("nine" in h.chunk.content and "ZX-4471-Q" in h.chunk.content for h in context)
