@@ -143,23 +143,22 @@ def latency(
     return out
 
 
-def answers(docs: list[tuple[str, bytes]], questions: list[Question], modes: list[str], tmp: Path) -> dict:
-    """Ask the bundled Qwen each question through a real server (langchain: true), once per mode."""
+def answers(kb: KnowledgeBase, questions: list[Question], modes: list[str], tmp: Path) -> dict:
+    """Ask the bundled Qwen each question through a real server (langchain: true), once per mode,
+    over a copy of the knowledge base built above (nothing is embedded again)."""
+    import shutil
+
     import requests
 
     from tests.servers import running_server
 
     data_dir = tmp / "answers"
+    shutil.copytree(kb.root, data_dir / "knowledge")
     out: dict[str, dict[str, object]] = {}
-    for i, mode in enumerate(modes):
+    for mode in modes:
         args = ["--max-new-tokens", "96", "--threads", "2", "--temperature", "0"]
         args += ["--data-dir", str(data_dir), "--kb-retrieval", mode]
         with running_server(args, tmp) as server:
-            if i == 0:
-                files = [("files", (name, data)) for name, data in docs]
-                url = f"{server.url}/v1/knowledge/files"
-                r = requests.post(url, files=files, headers=server.headers(), timeout=3600)
-                r.raise_for_status()
             held = []
             for q in questions:
                 body = {"prompt": q.question, "langchain": True, "temperature": 0}
@@ -186,10 +185,12 @@ def main() -> int:
         "--index-dir", type=Path, default=None, help="keep the index here; a rerun skips unchanged files"
     )
     parser.add_argument("--answers", action="store_true", help="also ask the bundled Qwen (slow)")
+    parser.add_argument("--limit", type=int, default=0, help="only the first N questions (a smoke run)")
     parser.add_argument("--latency-chunks", type=int, default=0, help="also time queries at N chunks")
     args = parser.parse_args()
 
     docs, questions, off_topic = load_set()
+    questions = questions[: args.limit] if args.limit > 0 else questions
     config = KnowledgeConfig(chunk_size=args.chunk_size, chunk_overlap=args.chunk_overlap, max_file_mb=500)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -239,7 +240,7 @@ def main() -> int:
                 + f"; query embedding p50 {lat['embed_p50_ms']:.1f} ms"
             )
         if args.answers:
-            result = answers(docs, questions, args.modes, tmp)
+            result = answers(kb, questions, args.modes, tmp)
             print("\n| retrieval | answer holds the fact |\n|---|---:|")
             for mode, r in result.items():
                 print(f"| {mode} | {float(r['holds']):.0%} |")  # type: ignore[arg-type]
