@@ -7,6 +7,8 @@ from the installed distributions; 30 questions, each with the excerpt that answe
     .venv/bin/python bench/knowledge_quality.py                 # retrieval table (no LLM), ~2-4 min
     .venv/bin/python bench/knowledge_quality.py --answers       # + the bundled Qwen's answers, ~15 min
     .venv/bin/python bench/knowledge_quality.py --latency-chunks 10000   # + query p50 at 10k chunks
+    .venv/bin/python bench/knowledge_quality.py --index-dir /tmp/kb --answers --limit 2   # smoke, ~2 min
+                                                                     # once /tmp/kb is built
 """
 
 from __future__ import annotations
