@@ -134,8 +134,8 @@ class _Local(_Target):
         from easllm.errors import InvalidRequest
 
         def progress(p: Any) -> None:
-            if p.stage == "embedding":
-                print(f"{p.file}: embedding {p.done}/{p.total} chunks", file=sys.stderr)
+            if p.stage in ("embedding", "unchanged"):
+                print(f"{p.file}: {p.describe()}", file=sys.stderr)
 
         failed = 0
         for path in paths:

@@ -5,7 +5,8 @@ Used by the HTTP routes, the chat service (`langchain: true`) and the WebUI:
     kb = KnowledgeBase(data_dir / "knowledge", SharedEmbedder(), KnowledgeConfig(), name="svc")
     kb.add_file("install.md", data, progress=print)     # -> StoredFile; re-adding a name replaces it
     kb.files()                                          # -> [StoredFile(name, kind, size, chunks, ...)]
-    kb.search("How do I install deepspeed?")            # -> [Hit(chunk, score)], best first
+    kb.search("How do I install deepspeed?")            # -> [Hit(chunk, score, id)], best first (hybrid)
+    kb.context("How do I install deepspeed?")           # -> the same, neighbouring chunks merged
     kb.remove_file("install.md")
 
 Every method blocks (parsing, embedding, the database): call them off the event loop. Files,
@@ -31,7 +32,7 @@ from easllm.errors import Conflict, InvalidRequest, StorageFull, TooLarge
 from easllm.rag.embedder import Embedder, SharedEmbedder
 from easllm.rag.loaders import PARAM, file_kind, load_document, safe_file_name
 from easllm.rag.migrate import migrate_faiss_folder
-from easllm.rag.retriever import merge_adjacent, retrieve
+from easllm.rag.retriever import MODES, merge_adjacent, retrieve
 from easllm.rag.splitter import Chunk, Splitter
 from easllm.rag.sql_schema import sqlite_url
 from easllm.rag.sql_store import EmbedderMismatch, SqlStore
@@ -39,17 +40,35 @@ from easllm.rag.store import Hit, StoredFile, VectorStore
 
 log = logging.getLogger(__name__)
 
-EMBED_BATCH = 16  # passages per embedder call: one progress step
+EMBED_BATCH = 64  # passages per embedder call (split over the cores): one progress step
 
 
 @dataclass(frozen=True)
 class IngestProgress:
-    """Where an upload stands: stage 'parsing', 'embedding' (done/total chunks), 'saving', 'done'."""
+    """Where an upload stands: stage 'parsing', 'embedding' (done/total chunks), 'saving', 'done', or
+    'unchanged' (the same bytes are indexed under that name already: nothing is redone)."""
 
     file: str
     stage: str
     done: int = 0
     total: int = 0
+    rate: float = 0.0  # chunks embedded per second so far
+    eta_s: float | None = None  # seconds of embedding left, once a batch is done
+
+    def describe(self) -> str:
+        """'embedding 64/238 chunks, 12.5 chunks/s, about 14 s left'."""
+        if self.stage != "embedding":
+            return self.stage
+        text = f"embedding {self.done}/{self.total} chunks"
+        if self.rate > 0 and self.eta_s is not None:
+            text += f", {self.rate:.1f} chunks/s, about {_duration(self.eta_s)} left"
+        return text
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(seconds, 1):.0f} s"
+    return f"{seconds / 60:.0f} min"
 
 
 @dataclass(frozen=True)
@@ -80,6 +99,8 @@ class KnowledgeBase:
         """`name` is the service's: one database may hold the knowledge bases of several."""
         self.root = root
         self.config = config or KnowledgeConfig()
+        if self.config.retrieval not in MODES:
+            raise ValueError(f"retrieval {self.config.retrieval!r}: choose one of {', '.join(MODES)}")
         self.splitter = Splitter(self.config.chunk_size, self.config.chunk_overlap)
         self._embedder_source = embedder
         if store is None:
@@ -151,7 +172,7 @@ class KnowledgeBase:
         digest = hashlib.sha256(data).hexdigest()
         existing = next((f for f in self.store.files() if f.name == safe), None)
         if existing is not None and existing.sha256 == digest:
-            report(IngestProgress(safe, "done", existing.chunks, existing.chunks))
+            report(IngestProgress(safe, "unchanged", existing.chunks, existing.chunks))
             return existing  # the same bytes again: nothing to redo
         report(IngestProgress(safe, "parsing"))
         doc = load_document(safe, data)
@@ -216,16 +237,24 @@ class KnowledgeBase:
 
     def _embed(self, name: str, chunks: list[Chunk], report: Progress) -> np.ndarray:
         embedder = self._embedder()
+        texts = [c.embedding_text() for c in chunks]
+        unique = list(dict.fromkeys(texts))  # repeated boilerplate is embedded once
         parts = []
         started = time.monotonic()
-        for start in range(0, len(chunks), EMBED_BATCH):
-            report(IngestProgress(name, "embedding", start, len(chunks)))
-            batch = chunks[start : start + EMBED_BATCH]
-            parts.append(embedder.embed_passages([c.embedding_text() for c in batch]))
-            if len(chunks) > EMBED_BATCH * 8 and (start // EMBED_BATCH) % 8 == 7:
-                log.info("%s: embedded %d/%d chunks", name, start + len(batch), len(chunks))
-        log.debug("%s: %d chunks embedded in %.2f s", name, len(chunks), time.monotonic() - started)
-        return np.concatenate(parts)
+        total = len(unique)
+        report(IngestProgress(name, "embedding", 0, total))
+        for start in range(0, total, EMBED_BATCH):
+            batch = unique[start : start + EMBED_BATCH]
+            parts.append(embedder.embed_passages(batch))
+            done = start + len(batch)
+            rate = done / max(time.monotonic() - started, 1e-6)
+            report(IngestProgress(name, "embedding", done, total, rate, (total - done) / rate))
+            if total > EMBED_BATCH * 4 and (start // EMBED_BATCH) % 4 == 3:
+                log.info("%s: embedded %d/%d chunks, %.1f/s", name, done, total, rate)
+        log.debug("%s: %d chunks embedded in %.2f s", name, total, time.monotonic() - started)
+        vectors = np.concatenate(parts)
+        row = {text: i for i, text in enumerate(unique)}
+        return vectors[[row[t] for t in texts]]
 
     def _check_embedder(self) -> None:
         built_by = self.store.embedder
