@@ -102,7 +102,7 @@ def test_a_replica_killed_mid_upload_leaves_the_other_serving_the_last_commit(
 ) -> None:
     service = console.describe(SERVICE)
     victim, survivor = service["instances"]
-    big = "\n\n".join(f"Paragraph {i} describes tide table number {i} in detail." * 4 for i in range(400))
+    big = "\n\n".join(f"Paragraph {i} describes tide table number {i} in detail." * 4 for i in range(2000))
     errors: list[BaseException] = []
 
     def send() -> None:
@@ -113,8 +113,9 @@ def test_a_replica_killed_mid_upload_leaves_the_other_serving_the_last_commit(
 
     sender = threading.Thread(target=send)
     sender.start()
-    time.sleep(1.5)  # parsing and embedding 400 chunks takes several seconds
-    os.kill(victim["pid"], signal.SIGKILL)
+    time.sleep(1.0)  # the server is parsing, splitting or embedding the ~1,000 chunks by now
+    assert sender.is_alive(), "the upload ended before the replica could be killed in the middle of it"
+    os.kill(victim["pid"], signal.SIGKILL)  # mid-upload
     sender.join(60)
     assert errors and not alive(victim["pid"])
     base = f"http://127.0.0.1:{survivor['port']}"
