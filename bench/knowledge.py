@@ -8,6 +8,8 @@ column asks the six fact questions of the tests (en, ja, zh; TXT/MD/DOCX/PDF) ag
 plus the fact files: how often the right file comes first.
 
     .venv/bin/python bench/knowledge.py --chunks 120 --queries 30
+    .venv/bin/python bench/knowledge.py --ingest-compare --chunks 120   # today's e5 path vs the new one
+    .venv/bin/python bench/knowledge.py --quality [--answers]   # retrieval quality: knowledge_quality.py
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from easllm.config import KnowledgeConfig
-from easllm.rag.embedder import create_embedder
+from easllm.rag import knowledge as knowledge_module
+from easllm.rag.embedder import E5Embedder, create_embedder
 from easllm.rag.knowledge import KnowledgeBase
-from easllm.rag.store import FaissStore
+from easllm.rag.sql_schema import sqlite_url
+from easllm.rag.sql_store import SqlStore
 from tests.rag_samples import (
     DOCX_FACT,
     FACTS_JA,
@@ -96,7 +100,7 @@ def faiss_ms(dim: int, size: int, runs: int = 50) -> float:
     """Search time of the store alone, on `size` random unit vectors."""
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        store = FaissStore(Path(tmp))
+        store = SqlStore(sqlite_url(Path(tmp) / "knowledge.db"), "bench")
         from easllm.rag.splitter import Chunk
         from easllm.rag.store import StoredFile
 
@@ -112,7 +116,37 @@ def faiss_ms(dim: int, size: int, runs: int = 50) -> float:
     return statistics.median(times) * 1000
 
 
+def ingest_compare(text: bytes, config: KnowledgeConfig, rounds: int = 2) -> None:
+    """multilingual-e5-small as before (one engine, every core, 16 passages a call) against the new
+    path (one engine per core, EMBED_BATCH a call), alternating so that outside load hits both."""
+    today, new = E5Embedder(workers=1), E5Embedder()
+    new_batch = knowledge_module.EMBED_BATCH
+    rates: dict[str, list[float]] = {"today": [], "new": []}
+    cpu: dict[str, list[float]] = {"today": [], "new": []}  # CPU seconds per chunk: spinning shows here
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for label, embedder, batch in (("today", today, 16), ("new", new, new_batch)):
+                knowledge_module.EMBED_BATCH = batch
+                kb = KnowledgeBase(Path(tmp) / f"{label}-{r}", embedder, config)
+                start, cpu_start = time.perf_counter(), time.process_time()
+                stored = kb.add_file("corpus.txt", text)
+                rates[label].append(stored.chunks / (time.perf_counter() - start))
+                cpu[label].append((time.process_time() - cpu_start) / stored.chunks)
+    knowledge_module.EMBED_BATCH = new_batch
+    print("| e5 ingestion | workers | passages per call | chunks/s | CPU ms per chunk |")
+    print("|---|---:|---:|---:|---:|")
+    for label, workers, batch in (("today", 1, 16), ("new", new.workers, new_batch)):
+        rate, cost = statistics.median(rates[label]), statistics.median(cpu[label]) * 1000
+        print(f"| {label} | {workers} | {batch} | {rate:.1f} | {cost:.0f} |")
+    print(f"new / today: {statistics.median(rates['new']) / statistics.median(rates['today']):.2f}x")
+
+
 def main() -> int:
+    if "--quality" in sys.argv:
+        import knowledge_quality
+
+        sys.argv.remove("--quality")
+        return knowledge_quality.main()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -121,10 +155,14 @@ def main() -> int:
     parser.add_argument("--chunk-size", type=int, default=500)
     parser.add_argument("--queries", type=int, default=30)
     parser.add_argument("--faiss-size", type=int, default=10_000)
+    parser.add_argument("--ingest-compare", action="store_true", help="only today's e5 ingestion vs the new")
     args = parser.parse_args()
 
     text = corpus(args.chunks, args.chunk_size).encode()
     config = KnowledgeConfig(chunk_size=args.chunk_size, chunk_overlap=0, max_file_mb=500)
+    if args.ingest_compare:
+        ingest_compare(text, config)
+        return 0
     rows: dict[str, dict[str, float | str]] = {}
     bases: dict[str, KnowledgeBase] = {}
     with tempfile.TemporaryDirectory() as tmp:

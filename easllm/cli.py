@@ -86,6 +86,8 @@ def _quantization(text: str) -> str:
 
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    from easllm.rag.cli import KB_DATABASE_ENV, database_url_arg
+
     m = p.add_argument_group("model and engine")
     m.add_argument(
         "--model-path",
@@ -260,6 +262,16 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "or a sentence-transformers model folder (default %(default)s)",
     )
     k.add_argument(
+        "--kb-database-url",
+        type=database_url_arg,
+        default=os.environ.get(KB_DATABASE_ENV) or None,
+        metavar="URL",
+        help="database of the knowledge base, shared by the service's replicas: a SQLAlchemy URL such as "
+        "postgresql+psycopg://user@host/db for replicas on several machines (default: $"
+        + KB_DATABASE_ENV
+        + ", else SQLite at DATA_DIR/knowledge/knowledge.db)",
+    )
+    k.add_argument(
         "--kb-chunk-size",
         type=_ranged(int, 50),
         default=500,
@@ -282,6 +294,13 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         type=_ranged(float, -1, 1),
         default=0.0,
         help="chunks whose cosine score is lower are not used (default %(default)s)",
+    )
+    k.add_argument(
+        "--kb-retrieval",
+        choices=["hybrid", "vector", "keyword"],
+        default="hybrid",
+        help="how chunks are found: BM25 keywords and vectors fused by rank, or one of the two "
+        "(default %(default)s)",
     )
     k.add_argument(
         "--kb-max-file-mb",
@@ -387,7 +406,9 @@ def configs_from(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
             chunk_overlap=args.kb_chunk_overlap,
             top_k=args.kb_top_k,
             score_threshold=args.kb_score_threshold,
+            retrieval=args.kb_retrieval,
             max_file_mb=args.kb_max_file_mb,
+            database_url=args.kb_database_url,
         ),
         sampling=SamplingDefaults(args.max_new_tokens, args.temperature, args.top_k, args.top_p),
         limits=LimitsConfig(

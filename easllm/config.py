@@ -54,7 +54,9 @@ class KnowledgeConfig:
     chunk_overlap: int = 50  # characters shared by neighbouring chunks
     top_k: int = 3  # chunks given to the model per question
     score_threshold: float = 0.0  # chunks scoring below (cosine) are not used
+    retrieval: str = "hybrid"  # hybrid (BM25 + vectors, rank-fused) | vector | keyword
     max_file_mb: float = 50.0  # larger uploads get 413
+    database_url: str | None = None  # SQLAlchemy URL shared by the replicas; None: SQLite in the data dir
 
 
 @dataclass(frozen=True)

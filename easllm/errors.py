@@ -43,6 +43,10 @@ class NotReady(RuntimeError):
     """The model is still loading: answered with 503."""
 
 
+class StoreUnavailable(NotReady):
+    """The knowledge base's database cannot be reached (or stays locked): answered with 503."""
+
+
 class ModelNotFound(FileNotFoundError):
     """A model name or path that cannot be resolved on this machine."""
 

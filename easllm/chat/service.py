@@ -105,7 +105,7 @@ class ChatService:
                 "with langchain",
                 "langchain",
             )
-        return kb.search(question)
+        return kb.context(question)
 
     async def ground_messages(self, messages: list[Message]) -> tuple[list[Message], list[Source]]:
         """The messages with the knowledge base's excerpts for the last user message in the system

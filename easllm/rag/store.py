@@ -1,7 +1,9 @@
 """Vector store: chunks and their vectors, searched by inner product (cosine on normalised vectors).
 
-`VectorStore` is the narrow interface the knowledge base needs, so a server-backed store (Qdrant,
-Milvus) can be added beside `FaissStore` later. `FaissStore` keeps one `IndexFlatIP` in memory and
+`VectorStore` is the narrow interface the knowledge base needs; `sql_store.SqlStore` (a database
+shared by a service's replicas) is the one services use. `FaissStore` is the format before it,
+kept as the source of the migration (`rag/migrate.py`) and for the tests that build an old folder:
+it keeps one `IndexFlatIP` in memory and
 persists it as generations: `gen-N.faiss` and `gen-N.json` (files and chunk texts) are written
 to temporary files and renamed, then `manifest.json` is renamed over the old one — the single
 commit point. A crash at any moment leaves the previous generation or the new one, never a mix.
@@ -22,6 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from easllm.rag.keyword import KeywordIndex
 from easllm.rag.splitter import Chunk
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,7 @@ class StoredFile:
 class Hit:
     chunk: Chunk
     score: float
+    id: int | None = None  # the store's chunk id: a file's chunks have consecutive ids, in order
 
 
 class VectorStore(Protocol):
@@ -58,14 +62,35 @@ class VectorStore(Protocol):
 
     def chunk_count(self) -> int: ...
 
-    def put_file(self, file: StoredFile, chunks: Sequence[Chunk], vectors: np.ndarray, embedder: str) -> None:
-        """Add a file's chunks, replacing any file of the same name, durably."""
+    def put_file(
+        self,
+        file: StoredFile,
+        chunks: Sequence[Chunk],
+        vectors: np.ndarray,
+        embedder: str,
+        original: bytes | None = None,
+    ) -> None:
+        """Add a file's chunks (and its uploaded bytes), replacing any file of the same name, durably."""
         ...
 
     def remove_file(self, name: str) -> StoredFile | None: ...
 
+    def original(self, name: str) -> bytes | None:
+        """The uploaded bytes of an indexed file, if the store keeps them."""
+        ...
+
+    def close(self) -> None: ...
+
     def search(self, vector: np.ndarray, k: int) -> list[Hit]:
         """Up to k chunks, best first; `vector` is one L2-normalised query embedding."""
+        ...
+
+    def keyword_search(self, query: str, k: int) -> list[Hit]:
+        """Up to k chunks by BM25 (`keyword.KeywordIndex`), best first; score: the BM25 score."""
+        ...
+
+    def similarities(self, vector: np.ndarray, ids: Sequence[int]) -> list[float]:
+        """The cosine similarity of `vector` to each chunk id's vector."""
         ...
 
 
@@ -76,6 +101,28 @@ class _State:
     index: Any  # faiss.IndexFlatIP, or None while empty
     embedder: str | None
     generation: int
+    keywords: KeywordIndex  # ids: rows of the index
+
+
+def read_generation(root: Path, faiss: Any) -> _State:
+    """The committed generation of a FaissStore folder, read without changing anything."""
+    manifest_path = root / "manifest.json"
+    if not manifest_path.exists():
+        return _State({}, [], None, None, 0, KeywordIndex())
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise RuntimeError(f"{manifest_path}: unknown knowledge-base format {manifest.get('format')}")
+    generation = int(manifest["generation"])
+    meta = json.loads((root / f"gen-{generation}.json").read_text())
+    files = {f["name"]: StoredFile(**f) for f in meta["files"]}
+    chunks = [Chunk(*row) for row in meta["chunks"]]
+    index = None
+    if chunks:
+        blob = np.frombuffer((root / f"gen-{generation}.faiss").read_bytes(), dtype=np.uint8)
+        index = faiss.deserialize_index(blob)
+        if index.ntotal != len(chunks):
+            raise RuntimeError(f"{root}: generation {generation} has {index.ntotal} vectors")
+    return _State(files, chunks, index, manifest.get("embedder"), generation, _keywords(chunks))
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -133,7 +180,14 @@ class FaissStore:
     def chunk_count(self) -> int:
         return len(self._state.chunks)
 
-    def put_file(self, file: StoredFile, chunks: Sequence[Chunk], vectors: np.ndarray, embedder: str) -> None:
+    def put_file(
+        self,
+        file: StoredFile,
+        chunks: Sequence[Chunk],
+        vectors: np.ndarray,
+        embedder: str,
+        original: bytes | None = None,  # kept by the caller, as earlier versions did
+    ) -> None:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or len(vectors) != len(chunks) or len(chunks) != file.chunks:
             raise ValueError("one vector per chunk, and file.chunks chunks")
@@ -161,13 +215,31 @@ class FaissStore:
             self._commit(files, chunks, self._vectors(state, keep), state.embedder if chunks else None)
             return removed
 
+    def original(self, name: str) -> bytes | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
     def search(self, vector: np.ndarray, k: int) -> list[Hit]:
         state = self._state
         if state.index is None or not state.chunks or k < 1:
             return []
         query = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
         scores, ids = state.index.search(query, min(k, len(state.chunks)))
-        return [Hit(state.chunks[i], float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+        pairs = zip(scores[0], ids[0], strict=True)
+        return [Hit(state.chunks[i], float(s), int(i)) for s, i in pairs if i >= 0]
+
+    def keyword_search(self, query: str, k: int) -> list[Hit]:
+        state = self._state
+        return [Hit(state.chunks[i], score, i) for i, score in state.keywords.search(query, k)]
+
+    def similarities(self, vector: np.ndarray, ids: Sequence[int]) -> list[float]:
+        state = self._state
+        if state.index is None or not len(ids):
+            return []
+        rows = np.asarray(ids, dtype=np.int64)
+        return [float(s) for s in state.index.reconstruct_batch(rows) @ np.asarray(vector, dtype=np.float32)]
 
     # -- persistence ---------------------------------------------------------------------------
 
@@ -193,30 +265,15 @@ class FaissStore:
         write_atomic(self.root / f"gen-{generation}.json", json.dumps(meta, ensure_ascii=False).encode())
         manifest = {"format": FORMAT, "generation": generation, "embedder": embedder, "chunks": len(chunks)}
         write_atomic(self.root / "manifest.json", json.dumps(manifest).encode())  # the commit point
-        self._state = _State(files, chunks, index, embedder, generation)
+        self._state = _State(files, chunks, index, embedder, generation, _keywords(chunks))
         self._remove_other_generations(generation)
 
     def _load(self) -> _State:
-        manifest_path = self.root / "manifest.json"
-        if not manifest_path.exists():
-            self._remove_other_generations(None)
-            return _State({}, [], None, None, 0)
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format") != FORMAT:
-            raise RuntimeError(f"{manifest_path}: unknown knowledge-base format {manifest.get('format')}")
-        generation = int(manifest["generation"])
-        meta = json.loads((self.root / f"gen-{generation}.json").read_text())
-        files = {f["name"]: StoredFile(**f) for f in meta["files"]}
-        chunks = [Chunk(*row) for row in meta["chunks"]]
-        index = None
-        if chunks:
-            blob = np.frombuffer((self.root / f"gen-{generation}.faiss").read_bytes(), dtype=np.uint8)
-            index = self._faiss.deserialize_index(blob)
-            if index.ntotal != len(chunks):
-                raise RuntimeError(f"{self.root}: generation {generation} has {index.ntotal} vectors")
-        self._remove_other_generations(generation)
-        log.info("knowledge base %s: %d files, %d chunks", self.root, len(files), len(chunks))
-        return _State(files, chunks, index, manifest.get("embedder"), generation)
+        state = read_generation(self.root, self._faiss)
+        self._remove_other_generations(state.generation if state.generation else None)
+        if state.generation:
+            log.info("knowledge base %s: %d files, %d chunks", self.root, len(state.files), len(state.chunks))
+        return state
 
     def _remove_other_generations(self, keep: int | None) -> None:
         """Older generations, and the leftovers of a write that died before its commit."""
@@ -228,3 +285,7 @@ class FaissStore:
             stale_gen = path.name.startswith("gen-") and generation != str(keep)
             if stale_tmp or stale_gen:
                 path.unlink(missing_ok=True)
+
+
+def _keywords(chunks: list[Chunk]) -> KeywordIndex:
+    return KeywordIndex((i, c.embedding_text()) for i, c in enumerate(chunks))

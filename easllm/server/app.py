@@ -48,6 +48,7 @@ def create_app(config: ServerConfig, engine: Engine) -> FastAPI:
             await engine.close()
             if history is not None:  # the open period is exported now, not at the next start
                 await asyncio.to_thread(history.close)
+            app.state.knowledge.close()
 
     # No open /docs or /redoc (they load Swagger from a CDN); /openapi.json needs the token.
     app = FastAPI(
@@ -63,7 +64,7 @@ def create_app(config: ServerConfig, engine: Engine) -> FastAPI:
     app.state.load_error = None
     app.state.embedder = SharedEmbedder(config.embedding_model)
     app.state.knowledge = KnowledgeBase(
-        config.service_data_dir / "knowledge", app.state.embedder, config.knowledge
+        config.service_data_dir / "knowledge", app.state.embedder, config.knowledge, name=config.service_name
     )
     app.state.chat = ChatService(engine, config.max_round, config.no_template, app.state.knowledge)
     history = _history_exporter(config)

@@ -25,7 +25,7 @@ from easllm.webui.messages import FILE_COLUMNS, file_rows, md_escape, plural
 log = logging.getLogger(__name__)
 
 ACCEPTED = ", ".join(sorted({k.upper() for k in KINDS.values()}))
-STAGES = {"parsing": "reading", "embedding": "embedding", "saving": "saving", "done": "done"}
+STAGES = {"parsing": "reading", "saving": "saving", "done": "done", "unchanged": "unchanged, kept"}
 
 
 class KnowledgeActions:
@@ -69,7 +69,8 @@ class KnowledgeActions:
 
             def report(p: IngestProgress, i: int = i) -> None:
                 share = p.done / p.total if p.total else 0.0
-                progress((i + share) / total, desc=f"{p.file}: {STAGES.get(p.stage, p.stage)}")
+                stage = p.describe() if p.stage == "embedding" else STAGES.get(p.stage, p.stage)
+                progress((i + share) / total, desc=f"{p.file}: {stage}")
 
             try:
                 stored = await asyncio.to_thread(self._add, name, Path(path), report)

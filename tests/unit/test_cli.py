@@ -58,6 +58,15 @@ def test_every_spec_flag_parses() -> None:
     assert str(server.export_history_path) == "/tmp/h" and server.export_interval == 60
 
 
+def test_knowledge_database_from_flag_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert configs_from(build_parser().parse_args(["serve"]))[0].knowledge.database_url is None
+    url = "postgresql+psycopg://kb@db.internal/kb"
+    monkeypatch.setenv("EASLLM_KB_DATABASE_URL", url)
+    assert configs_from(build_parser().parse_args(["serve"]))[0].knowledge.database_url == url
+    args = build_parser().parse_args(["serve", "--kb-database-url", "sqlite:////srv/kb.db"])
+    assert configs_from(args)[0].knowledge.database_url == "sqlite:////srv/kb.db"
+
+
 def test_token_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EASLLM_TOKEN", "from-env")
     assert configs_from(build_parser().parse_args(["serve"]))[0].token == "from-env"
@@ -74,6 +83,8 @@ def test_token_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         ["--engine", "magic"],
         ["--export-interval", "0"],
         ["--log-level", "LOUD"],
+        ["--kb-database-url", "mysql://u@h/db"],
+        ["--kb-database-url", "postgresql://h/" + "x" * 3000],
     ],
 )
 def test_bad_flags_exit_with_usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

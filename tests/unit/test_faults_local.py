@@ -1,28 +1,31 @@
 """Faults without a real process or a real full disk (the integration tests have those):
-a simulated ENOSPC during ingestion and removal, an engine closed with requests waiting, an
+a database at its size limit during ingestion, an engine closed with requests waiting, an
 export's temporary file left by a killed process, PDFs that loop or repeat a costly page."""
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import event
 
 from easllm.config import SamplingDefaults, ServerConfig
 from easllm.engine.backends.fake import FakeEngine
 from easllm.engine.types import GenerationRequest, SamplingParams
 from easllm.errors import InvalidRequest, NotReady, TooLarge
 from easllm.history.export import HistoryExporter, period_name
-from easllm.rag import loaders, store
+from easllm.rag import loaders
 from easllm.rag.loaders import load_document
+from easllm.rag.sql_schema import open_engine
 from easllm.server.app import create_app
 from tests.rag_samples import pdf_bytes
 
@@ -45,35 +48,77 @@ def upload(client: TestClient, name: str, text: str):  # type: ignore[no-untyped
     return client.post("/v1/knowledge/files", files=[("files", (name, text.encode()))], headers=AUTH)
 
 
-def no_space(*_: object, **__: object) -> None:
-    raise OSError(errno.ENOSPC, "No space left on device")
+def fill_the_database(client: TestClient) -> Callable[[], None]:
+    """SQLite's own limit on the file's pages, so the next write that grows it fails SQLITE_FULL."""
+    engine = client.app.state.knowledge.store.engine
+    with engine.connect() as conn:
+        pages = conn.exec_driver_sql("PRAGMA page_count").scalar()
+
+    def limit(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.execute(f"PRAGMA max_page_count = {pages}")
+
+    event.listen(engine, "connect", limit)
+    engine.dispose()
+
+    def undo() -> None:
+        event.remove(engine, "connect", limit)
+        engine.dispose()
+
+    return undo
 
 
 # -- disk full (simulated) -------------------------------------------------------------------------
 
 
-def test_a_full_disk_during_ingestion_is_a_507_naming_the_file_and_changes_nothing(
-    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_full_database_during_ingestion_is_a_507_naming_the_file_and_changes_nothing(
+    client: TestClient, tmp_path: Path
 ) -> None:
     assert upload(client, "kept.txt", "The vault opens with the word marigold.").status_code == 200
-    monkeypatch.setattr(store.os, "fsync", no_space)  # every atomic write of the store now fails
-    files = [("files", ("new.txt", b"Fresh words about pumps.")), ("files", ("x.exe", b"MZ"))]
+    undo = fill_the_database(client)
+    pumps = "Fresh words about pumps." + " " * 30_000  # one chunk, but its original needs new pages
+    files = [("files", ("new.txt", pumps.encode())), ("files", ("x.exe", b"MZ"))]
     r = client.post("/v1/knowledge/files", files=files, headers=AUTH)
     assert r.status_code == 507, r.text
     body = r.json()
     assert body["error"]["type"] == "insufficient_storage" and body["error"]["param"] == "files"
     assert [(e["name"], e["code"]) for e in body["errors"]] == [("new.txt", 507), ("x.exe", 415)]
     assert "new.txt" in body["errors"][0]["message"] and "No space left" in body["errors"][0]["message"]
-    r = client.delete("/v1/knowledge/files/kept.txt", headers=AUTH)
-    assert r.status_code == 507 and r.json()["error"]["param"] == "name"
     assert client.post("/", content=b"still serving [eos]", headers=AUTH).status_code == 200
-    monkeypatch.undo()
     listed = client.get("/v1/knowledge/files", headers=AUTH).json()
     assert [f["name"] for f in listed["files"]] == ["kept.txt"] and listed["chunks"] == 1
-    originals = [p.name for p in (tmp_path / "knowledge" / "files").rglob("*") if p.is_file()]
-    assert originals == ["kept.txt"]  # the refused file's bytes were not left behind
-    assert [p.name for p in tmp_path.rglob("*.tmp")] == []
-    assert upload(client, "new.txt", "Fresh words about pumps.").status_code == 200  # space is back
+    knowledge = client.app.state.knowledge
+    assert knowledge.original("kept.txt").startswith(b"The vault")  # and the refused file left nothing:
+    assert knowledge.store.original("new.txt") is None
+    undo()
+    assert upload(client, "new.txt", pumps).status_code == 200  # space is back
+
+
+def test_a_knowledge_base_database_out_of_reach_is_a_503_on_every_route_not_a_500(
+    client: TestClient,
+) -> None:
+    assert upload(client, "kept.txt", "The vault opens with the word marigold.").status_code == 200
+    store = client.app.state.knowledge.store
+    reachable = store.engine
+    with socket.socket() as s:  # a port nothing listens on: connections are refused at once
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    store.engine = open_engine(f"postgresql+psycopg://kb@127.0.0.1:{closed}/kb")
+    try:
+        replies = [
+            client.get("/v1/knowledge/files", headers=AUTH),
+            client.post("/v1/knowledge/query", json={"query": "vault"}, headers=AUTH),
+            upload(client, "new.txt", "Fresh words about pumps."),
+            client.delete("/v1/knowledge/files/kept.txt", headers=AUTH),
+            client.post("/", json={"prompt": "vault word?", "langchain": True}, headers=AUTH),
+        ]
+        assert [r.status_code for r in replies] == [503] * 5, [r.text for r in replies]
+        assert all("database cannot be used now" in r.text for r in replies)
+        assert client.post("/", content=b"still serving [eos]", headers=AUTH).status_code == 200
+    finally:
+        store.engine = reachable
+    assert [f["name"] for f in client.get("/v1/knowledge/files", headers=AUTH).json()["files"]] == [
+        "kept.txt"
+    ]
 
 
 # -- an engine closed with requests waiting ---------------------------------------------------------

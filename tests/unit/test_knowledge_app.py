@@ -112,8 +112,8 @@ def test_path_names_are_stored_under_a_safe_name(client: TestClient, tmp_path: P
     assert r.status_code == 200
     assert names(client) == ["abs.md", "escape.txt"]
     assert not (tmp_path.parent / "escape.txt").exists()
-    stored = sorted(p.name for p in (tmp_path / "knowledge" / "files").rglob("*") if p.is_file())
-    assert stored == ["abs.md", "escape.txt"]
+    knowledge = client.app.state.knowledge
+    assert knowledge.original("escape.txt") == b"inside" and knowledge.original("abs.md") == b"# A\n\nabs"
 
 
 def test_a_bad_file_in_a_multi_file_upload_keeps_the_good_ones(client: TestClient) -> None:
@@ -291,8 +291,9 @@ def test_excerpts_are_dropped_lowest_score_first_to_fit_the_context(tmp_path: Pa
         all_hits = c.post(
             "/v1/knowledge/query", json={"query": "How do I install deepspeed?", "top_k": 4}, headers=AUTH
         ).json()["results"]
-        assert 1 <= len(sources) < len(all_hits)
-        assert [s["content"] for s in sources] == [h["content"] for h in all_hits[: len(sources)]]
+        used = [any(h["content"] in s["content"] for s in sources) for h in all_hits]  # neighbours merged
+        assert any(used) and not all(used)
+        assert used == sorted(used, reverse=True)  # the best-ranked kept, the rest dropped
         assert len(engine.requests[-1].prompt_token_ids) + 8 <= 700
 
 

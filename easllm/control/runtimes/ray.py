@@ -30,7 +30,14 @@ log = logging.getLogger(__name__)
 NAMESPACE = "easllm"
 DEPLOYMENT = "easllm"  # the one deployment of each service's application
 MAX_ONGOING_REQUESTS = 100  # per replica; an open WebSocket counts as one for its whole life
-PASSED_ENV = ("EASLLM_HOME", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "EASLLM_LOG_LEVEL")
+PASSED_ENV = (
+    "EASLLM_HOME",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "EASLLM_LOG_LEVEL",
+    "EASLLM_KB_DATABASE_URL",  # the knowledge base every replica, on any node, shares
+)
 LOCAL = "local"  # --ray-address local: a private single-node cluster inside the console
 ROUTER = "easllm.control.runtimes.ray_router.ConversationRouter"  # Serve imports it by this path
 

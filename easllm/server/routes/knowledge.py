@@ -79,8 +79,9 @@ async def upload_files(request: Request) -> JSONResponse:
 @router.get("/files")
 async def list_files(request: Request) -> JSONResponse:
     kb = _knowledge(request)
-    files = [file_dict(f) for f in kb.files()]
-    return JSONResponse({"files": files, "chunks": kb.chunk_count(), "embedding_model": kb.embedder_name})
+    stored, chunks = await asyncio.to_thread(lambda: (kb.files(), kb.chunk_count()))  # a database read
+    files = [file_dict(f) for f in stored]
+    return JSONResponse({"files": files, "chunks": chunks, "embedding_model": kb.embedder_name})
 
 
 @router.delete("/files/{name}")
