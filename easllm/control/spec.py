@@ -139,7 +139,7 @@ class _RaisingParser(argparse.ArgumentParser):
 
 
 def serve_parser() -> argparse.ArgumentParser:
-    from easllm.cli import add_serve_flags
+    from easllm.serve_flags import add_serve_flags
 
     parser = _RaisingParser(prog="easllm serve", add_help=False, exit_on_error=False)
     add_serve_flags(parser)
