@@ -383,7 +383,13 @@ def main() -> None:
         "--model", default="qwen2.5-0.5b-instruct", help="a bundled model name or a GGUF path"
     )
     parser.add_argument("--system-tokens", type=int, default=1900, help="the conversations' system prompt")
-    parser.add_argument("--conversations", type=int, nargs="+", default=[1, 4, 16], help="C values")
+    parser.add_argument(
+        "--conversations",
+        type=int,
+        nargs="*",
+        default=[1, 4, 16],
+        help="C values (none: the shared case only)",
+    )
     parser.add_argument("--rounds", type=int, default=6, help="R: user turns per conversation")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per value; the median is shown")
     parser.add_argument("--max-tokens", type=int, default=64, help="longest answer")
