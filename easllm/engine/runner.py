@@ -8,25 +8,14 @@ import numpy as np
 
 from easllm.engine.base import EngineError
 from easllm.engine.sampler import Grammar
+from easllm.engine.vocab import Vocab
 
 if TYPE_CHECKING:
-    from easllm.engine.scheduler import Batch
+    from easllm.engine.batch import Batch
 
 
 class KVCacheFull(EngineError):
     """The backend found no room in its KV cache for the batch; nothing was computed."""
-
-
-class Vocab(Protocol):
-    size: int  # token ids are 0 .. size - 1
-
-    def piece(self, token: int) -> bytes:
-        """The bytes a token stands for (special tokens render as nothing)."""
-        ...
-
-    def is_eog(self, token: int) -> bool:
-        """Whether the token ends generation (EOS, EOT, ...)."""
-        ...
 
 
 class ModelRunner(Protocol):

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from easllm.engine.batch import Batch, Chunk
 from easllm.engine.prefix_cache import PrefixCache, common_prefix_len
 from easllm.engine.sampler import Sample
 from easllm.engine.sequence import Sequence, SequenceStatus
@@ -32,34 +33,6 @@ class SchedulerConfig:
     max_seqs: int  # sequences running at once (KV slots)
     max_batch_tokens: int  # tokens per forward pass: decode tokens plus prefill chunks
     kv_cells: int  # KV cache cells shared by all running sequences
-
-
-@dataclass
-class Chunk:
-    seq: Sequence
-    start: int  # position of the first token in the sequence
-    token_ids: list[int]
-
-    @property
-    def samples(self) -> bool:
-        """Whether this chunk reaches the end of its sequence, so a token is sampled after it."""
-        return self.start + len(self.token_ids) == len(self.seq)
-
-
-@dataclass
-class Batch:
-    chunks: list[Chunk]
-
-    @property
-    def sampled(self) -> list[Sequence]:
-        return [c.seq for c in self.chunks if c.samples]
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(c.token_ids) for c in self.chunks)
-
-    def __bool__(self) -> bool:
-        return bool(self.chunks)
 
 
 class Scheduler:

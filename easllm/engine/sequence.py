@@ -5,10 +5,10 @@ from __future__ import annotations
 import enum
 
 from easllm.engine.detokenizer import Detokenizer
-from easllm.engine.runner import Vocab
 from easllm.engine.sampler import NO_TOKEN, Sample, Sampler
 from easllm.engine.stop import StopMatcher
 from easllm.engine.types import FinishReason, GenerationRequest, TokenDelta, TokenLogprob, Usage
+from easllm.engine.vocab import Vocab
 
 
 class SequenceStatus(enum.Enum):

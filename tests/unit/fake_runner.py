@@ -14,9 +14,9 @@ import time
 import numpy as np
 
 from easllm.config import EngineConfig
+from easllm.engine.batch import Batch
 from easllm.engine.batching import BatchingEngine
 from easllm.engine.runner import KVCacheFull
-from easllm.engine.scheduler import Batch
 from easllm.engine.types import FEATURES, ModelInfo
 from easllm.errors import InvalidRequest
 

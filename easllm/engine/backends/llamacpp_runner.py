@@ -19,8 +19,8 @@ import numpy as np
 from easllm.config import EngineConfig
 from easllm.engine.backends.llamacpp_grammar import LlamaGrammar
 from easllm.engine.base import EngineError
+from easllm.engine.batch import Batch
 from easllm.engine.runner import KVCacheFull
-from easllm.engine.scheduler import Batch
 
 log = logging.getLogger(__name__)
 
