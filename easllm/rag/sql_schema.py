@@ -30,6 +30,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 
+from easllm.private_files import private_file
+
 metadata = MetaData()
 bases = Table(
     "kb_bases",
@@ -106,7 +108,9 @@ def open_engine(url: str) -> Engine:
     if parsed.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
     if parsed.database not in (None, "", ":memory:"):
+        # every uploaded document is in it: 0600 before SQLite opens it (its WAL files copy the mode)
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        private_file(Path(parsed.database))
     engine = create_engine(url)
     event.listen(engine, "connect", _sqlite_connect)
     event.listen(engine, "begin", _sqlite_begin)

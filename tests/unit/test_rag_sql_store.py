@@ -277,3 +277,15 @@ def test_unsupported_database_urls_are_refused_with_the_reason(url: str, why: st
     with pytest.raises(ValueError, match=why):
         check_database_url(url)
     assert check_database_url("postgresql+psycopg://u@h:5432/kb").startswith("postgresql")
+
+
+def test_the_sqlite_database_and_its_wal_are_readable_by_the_owner_only(tmp_path: Path) -> None:
+    old = os.umask(0o002)  # a loose umask would make them 0664
+    try:
+        store = SqlStore(sqlite_url(tmp_path / "knowledge.db"), "svc")
+        put(store, "a.txt", [unit(1, 0)])
+        files = sorted(tmp_path.glob("knowledge.db*"))
+        assert files and all(p.stat().st_mode & 0o777 == 0o600 for p in files), files
+        store.close()
+    finally:
+        os.umask(old)
