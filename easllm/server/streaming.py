@@ -4,7 +4,7 @@ the generation); a failure after the 200 has gone out is one error chunk, then t
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -23,7 +23,7 @@ async def eas_chunks(
     replies: RoundReplies,
     delta_mode: bool,
     sources: list[dict[str, Any]] | None,
-) -> AsyncIterator[tuple[str, str, TokenDelta]]:
+) -> AsyncGenerator[tuple[str, str, TokenDelta]]:
     """(reply JSON, answer so far, delta) for each delta with text or a finish reason; the last
     reply carries usage, finish reason and sources. Ends after the finish reason."""
     text = ""

@@ -12,12 +12,13 @@ first stream; the front end writes `generation.deltas()` or `await generation.co
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from easllm.chat.template import Conversation, Message
 from easllm.engine.base import Engine
-from easllm.engine.types import GenerationRequest, SamplingParams
+from easllm.engine.types import GenerationRequest, SamplingParams, TokenDelta
 from easllm.protocol.openai import choice_samplings
 from easllm.serving.caller import Caller
 from easllm.serving.choices import Generation, first_then_rest
@@ -124,7 +125,7 @@ class ChatServing:
     async def _generate(
         self, api: str, prepared: list[Prepared], n: int, caller: Caller, start: bool = True
     ) -> Generation:
-        streams = []
+        streams: list[AsyncIterator[TokenDelta]] = []
         for p in prepared:
             for sampling in choice_samplings(p.request.sampling, n):
                 request = GenerationRequest(p.request.prompt_token_ids, sampling)

@@ -26,13 +26,6 @@ POLL = 0.2  # seconds between checks that a caller waiting for a whole answer is
 
 
 @dataclass
-class Choice(ChoiceOutput):
-    """One choice collected whole; `usage` is the engine's for this choice."""
-
-    usage: Usage | None = None
-
-
-@dataclass
 class Generation:
     """What the serving layer hands back: one observed stream per choice, the first one started
     (so a full queue or a failed prompt is an error before any answer is written)."""
@@ -47,13 +40,17 @@ class Generation:
         """(choice index, delta) as they arrive."""
         return merge_choices(self.streams)
 
-    async def collect(self) -> list[Choice] | None:
+    async def collect(self) -> list[ChoiceOutput] | None:
         """Every choice whole (tool calls settled), or None when the caller went away first."""
         choices = await until_disconnected(collect_choices(self.streams), self.caller)
         if choices is not None and self.tools is not None:
             for choice in choices:
                 self.tools.settle(choice)
         return choices
+
+    def usage(self, choice: ChoiceOutput) -> Usage:
+        """A collected choice's usage, for a call with one prompt (what the EAS reply shows)."""
+        return Usage(self.prompt_tokens, choice.completion_tokens, choice.cached_tokens)
 
 
 async def first_then_rest(deltas: AsyncIterator[TokenDelta]) -> AsyncIterator[TokenDelta]:
@@ -109,15 +106,14 @@ async def merge_choices(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def collect_choices(streams: Sequence[AsyncIterator[TokenDelta]]) -> list[Choice]:
-    choices = [Choice(i) for i in range(len(streams))]
+async def collect_choices(streams: Sequence[AsyncIterator[TokenDelta]]) -> list[ChoiceOutput]:
+    choices = [ChoiceOutput(i) for i in range(len(streams))]
     async for index, delta in merge_choices(streams):
         out = choices[index]
         out.text += delta.text
         out.logprobs.extend(delta.logprobs or [])
         if delta.finish_reason is not None:
             out.finish_reason = delta.finish_reason
-            out.usage = delta.usage
             out.completion_tokens = delta.usage.completion_tokens if delta.usage else 0
             out.cached_tokens = delta.usage.cached_tokens if delta.usage else 0
     for out in choices:

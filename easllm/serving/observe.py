@@ -38,12 +38,18 @@ class ManyObservations(Protocol):
 class RoundMetrics(Protocol):
     """The metric families a round updates (server/metrics.py's ServiceMetrics has them)."""
 
-    rounds: Counter
-    prompt_tokens: Counter
-    generation_tokens: Counter
-    time_to_first_token: Histogram
-    round_latency: Histogram
-    inter_token_latency: ManyObservations
+    @property
+    def rounds(self) -> Counter: ...
+    @property
+    def prompt_tokens(self) -> Counter: ...
+    @property
+    def generation_tokens(self) -> Counter: ...
+    @property
+    def time_to_first_token(self) -> Histogram: ...
+    @property
+    def round_latency(self) -> Histogram: ...
+    @property
+    def inter_token_latency(self) -> ManyObservations: ...
 
 
 class Progress:

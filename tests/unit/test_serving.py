@@ -92,13 +92,14 @@ async def test_a_turn_is_observed_once_and_counted_on_the_callers_access_log_lin
     turn = Turn("eas", Conversation("hello [eos]", "Be brief."), SAMPLING)
     generation = await chat.converse(turn, caller)
     (choice,) = await generation.collect() or []
-    assert choice.text == "You said: hello [eos]." and choice.usage is not None
+    usage = generation.usage(choice)
+    assert choice.text == "You said: hello [eos]." and usage.prompt_tokens == generation.prompt_tokens
     (line,) = history.lines
     assert line["api"] == "eas" and line["client"] == "10.1.2.3" and line["request_id"] == info.request_id
     assert line["system_prompt"] == "Be brief." and line["response"] == choice.text
     assert rounds(metrics, "eas", "stop") == 1.0
-    assert (info.rounds, info.completion_tokens) == (1, choice.usage.completion_tokens)
-    assert info.prompt_tokens == choice.usage.prompt_tokens > 0
+    assert (info.rounds, info.completion_tokens) == (1, usage.completion_tokens)
+    assert info.prompt_tokens == usage.prompt_tokens > 0
 
 
 async def test_grounding_puts_the_excerpts_in_the_prompt_and_returns_the_sources(engine: FakeEngine) -> None:

@@ -41,4 +41,5 @@ async def predict(request: Request, state: State) -> Response:
     if isinstance(parsed, str):
         return PlainTextResponse(answer.text)
     history = [*eas.history, (eas.prompt, answer.text)]
-    return JSONResponse(reply(answer.text, history, answer.usage, answer.finish_reason, sources))
+    usage = generation.usage(answer)
+    return JSONResponse(reply(answer.text, history, usage, answer.finish_reason, sources))

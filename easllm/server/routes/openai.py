@@ -1,7 +1,8 @@
 """`/v1`: the OpenAI API — models, chat completions, completions (SSE streaming), embeddings.
 
-Requests become the same `GenerationRequest`s as the EAS API's and go to the same engine;
-`n` choices (and several completion prompts) are separate requests merged into one reply.
+Each route parses its request (protocol/openai.py), makes one call into the serving layer
+(`ChatServing.chat` / `.complete`: prompt, fitting, `n` choices, observation) and writes the reply
+or the SSE stream of what comes back.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from easllm.protocol.openai import (
     parse_json_object,
 )
 from easllm.protocol.openai_replies import (
+    ChoiceOutput,
     Envelope,
     chat_chunk,
     chat_completion,
@@ -40,7 +42,6 @@ from easllm.server.auth import require_token
 from easllm.server.sse import sse_response
 from easllm.server.state import ServiceState, State, http_caller
 from easllm.serving.chat import ChatCall, CompletionCall
-from easllm.serving.choices import Choice
 from easllm.serving.tools import ChatTools
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
@@ -197,5 +198,5 @@ async def embeddings(request: Request, state: State) -> JSONResponse:
     return JSONResponse(await asyncio.to_thread(embed))
 
 
-def choices_usage(prompt_tokens: int, choices: list[Choice]) -> Usage:
+def choices_usage(prompt_tokens: int, choices: list[ChoiceOutput]) -> Usage:
     return request_usage(prompt_tokens, [Usage(0, c.completion_tokens, c.cached_tokens) for c in choices])
