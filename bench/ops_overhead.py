@@ -43,13 +43,11 @@ from easllm.models.resolve import resolve_model
 from easllm.server.access_log import AccessLog
 from easllm.server.app import create_app
 from easllm.server.metrics import ServiceMetrics
-from easllm.server.observability import RoundObserver
+from easllm.server.state import state_of
+from easllm.serving.caller import Caller
+from easllm.serving.observe import RoundObserver
 
 VARIANTS = ("bare", "metrics", "metrics+export")
-
-
-def passthrough(deltas: AsyncIterator[TokenDelta], *args: Any, **kwargs: Any) -> AsyncIterator[TokenDelta]:
-    return deltas
 
 
 def build(variant: str, engine: Engine, tmp: Path, tokens: int) -> Any:
@@ -62,9 +60,10 @@ def build(variant: str, engine: Engine, tmp: Path, tokens: int) -> Any:
     app = create_app(config, engine)
     if variant == "bare":
         app.user_middleware = [m for m in app.user_middleware if m.cls is not AccessLog]
-        app.state.rounds.watch = passthrough
-    if app.state.history is not None:
-        app.state.history.start()
+        state_of(app).chat.observer = None  # no round is measured or recorded
+    history = state_of(app).history
+    if history is not None:
+        history.start()
     return app
 
 
@@ -99,7 +98,8 @@ async def throughput(
         for _ in range(args.runs):
             for v in VARIANTS:
                 rates[v].append(await drive(apps[v], args.clients, args.requests, args.tokens))
-        history = apps["metrics+export"].state.history
+        history = state_of(apps["metrics+export"]).history
+        assert history is not None
         await asyncio.to_thread(history.close)
         exported = sum(len(p.read_bytes().splitlines()) for p in (tmp / "export").glob("history-*.jsonl"))
         expected = args.runs * args.clients * args.requests
@@ -130,7 +130,7 @@ async def hook_cost(engine: Engine, tmp: Path, tokens: int, n: int = 2000) -> tu
     for observer in observers:
         start = time.process_time()
         for _ in range(n):
-            stream = deltas() if observer is None else observer.watch(deltas(), "eas", None, conv, req)
+            stream = deltas() if observer is None else observer.watch(deltas(), "eas", Caller(), conv, req)
             async for _delta in stream:
                 pass
         cpu.append((time.process_time() - start) / n * 1e6)

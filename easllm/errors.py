@@ -1,6 +1,16 @@
-"""Typed errors of the core; the HTTP layer maps each to a status code once (server/errors.py)."""
+"""Typed errors of the core, and the one policy that maps any exception to what a client is told.
+
+`failure(exc)` gives a `Failure` (status, type, message, param, retry_after) without knowing the
+transport: HTTP replies, the SSE and NUL-delimited streams, the WebSocket and the WebUI all write
+what it says (server/errors.py for HTTP, where Retry-After is set).
+"""
 
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
 
 
 class InvalidRequest(ValueError):
@@ -39,6 +49,14 @@ class StorageFull(InvalidRequest):
     status = 507
 
 
+class EngineError(RuntimeError):
+    """A failure inside an engine (model load, decode): 500."""
+
+
+class EngineOverloaded(EngineError):
+    """The engine's queue is full: 503 with Retry-After."""
+
+
 class NotReady(RuntimeError):
     """The model is still loading: answered with 503."""
 
@@ -57,3 +75,54 @@ class ChecksumMismatch(RuntimeError):
 
 class PullFailed(ModelNotFound):
     """A model could not be fetched from its source: token, disk space, network, a missing file."""
+
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+    507: "insufficient_storage",
+}
+RETRY_AFTER = 1  # seconds a client is asked to wait after a 429 or 503
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What a client is told about a request that failed: the same on every transport."""
+
+    status: int
+    message: str
+    param: str | None = None
+    type: str = field(init=False)
+    retry_after: int | None = field(init=False)  # seconds; set for 429 and 503
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "type", ERROR_TYPES.get(self.status, "server_error"))
+        object.__setattr__(self, "retry_after", RETRY_AFTER if self.status in (429, 503) else None)
+
+    def body(self) -> dict[str, object]:
+        """The JSON error object every API answers with (OpenAI's shape)."""
+        return {
+            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}
+        }
+
+
+def failure(exc: BaseException) -> Failure:
+    """The one mapping of an exception to a client's answer; an unexpected one is logged here."""
+    if isinstance(exc, InvalidRequest):
+        return Failure(exc.status, exc.message, exc.param)
+    if isinstance(exc, NotReady | EngineOverloaded):
+        return Failure(503, str(exc))
+    if isinstance(exc, EngineError):
+        log.error("engine error: %s", exc)
+        return Failure(500, str(exc))
+    log.error("request failed", exc_info=exc)
+    return Failure(500, f"internal error: {exc}")

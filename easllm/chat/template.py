@@ -136,12 +136,12 @@ class PromptBuilder:
     ) -> BuiltPrompt:
         raw = self.no_template_default if no_template is None else (no_template or self.template is None)
         if raw:
-            return self._fit(self.encode_raw(conv.prompt), max_new_tokens, 0)
+            return self.fit(self.encode_raw(conv.prompt), max_new_tokens)
         rounds = list(conv.history[-max_round:]) if max_round > 0 else []
         while True:
             ids = self.encode_messages(conversation_messages(conv, rounds), "prompt")
             if not rounds or len(ids) + max_new_tokens <= self.context_length:
-                return self._fit(ids, max_new_tokens, len(rounds))
+                return self.fit(ids, max_new_tokens, "prompt", len(rounds))
             rounds.pop(0)  # the oldest round goes first
 
     def _check_length(self, text: str, param: str) -> None:
@@ -151,11 +151,13 @@ class PromptBuilder:
                 param,
             )
 
-    def _fit(self, ids: list[int], max_new_tokens: int, rounds: int) -> BuiltPrompt:
+    def fit(self, ids: list[int], max_new_tokens: int, param: str = "prompt", rounds: int = 0) -> BuiltPrompt:
+        """The one fitting: `max_new_tokens` capped at what the context leaves after the prompt;
+        a prompt that leaves no room is a 400 naming `param`."""
         room = self.context_length - len(ids)
         if room < 1:
             raise InvalidRequest(
                 f"the prompt is {len(ids)} tokens; the model's context is {self.context_length}",
-                "prompt",
+                param,
             )
         return BuiltPrompt(ids, min(max_new_tokens, room), rounds)

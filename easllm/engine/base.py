@@ -6,14 +6,9 @@ from collections.abc import AsyncIterator
 from typing import Protocol, runtime_checkable
 
 from easllm.engine.types import EngineHealth, GenerationRequest, ModelInfo, TokenDelta
+from easllm.errors import EngineError, EngineOverloaded  # defined with the other typed errors
 
-
-class EngineError(RuntimeError):
-    """A failure inside an engine (model load, decode); the HTTP layer maps it to 500/503."""
-
-
-class EngineOverloaded(EngineError):
-    """The engine's queue is full; the HTTP layer answers 503 with Retry-After."""
+__all__ = ["Engine", "EngineError", "EngineOverloaded"]
 
 
 @runtime_checkable

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 
-from easllm.chat.template import Conversation, Message
+from easllm.chat.template import Message
 from easllm.config import SamplingDefaults
 from easllm.engine.types import ModelInfo, SamplingParams
 from easllm.errors import InvalidRequest
@@ -224,20 +224,6 @@ class ChatCompletionRequest(_Generation):
 
     def messages_native(self) -> list[Message]:
         return [m.as_message() for m in self.messages]
-
-    def conversation(self) -> Conversation:
-        """The messages as system prompt + rounds + prompt, the shape the knowledge base answers."""
-        messages = self.messages_native()
-        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-        rest = [m for m in messages if m["role"] != "system"]
-        roles = [m["role"] for m in rest]
-        if len(rest) % 2 == 0 or roles != ["user", "assistant"] * (len(rest) // 2) + ["user"]:
-            raise InvalidRequest(
-                "with the knowledge base, messages must alternate user/assistant and end with a user message",
-                "messages",
-            )
-        rounds = tuple((rest[i]["content"], rest[i + 1]["content"]) for i in range(0, len(rest) - 1, 2))
-        return Conversation(rest[-1]["content"], system, rounds)
 
     def sampling(self, defaults: SamplingDefaults, info: ModelInfo) -> SamplingParams:
         self._check()

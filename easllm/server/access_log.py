@@ -14,12 +14,15 @@ import re
 import time
 from typing import Any
 
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from easllm.server.metrics import ServiceMetrics
-from easllm.server.observability import SCOPE_KEY, RequestInfo
+from easllm.serving.caller import RequestInfo
 
 log = logging.getLogger("easllm.access")
+
+SCOPE_KEY = "easllm.request"  # the request's RequestInfo in the ASGI scope
 
 HEADER = b"x-request-id"
 SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -30,6 +33,12 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS",
 def method_label(method: str) -> str:
     """The method as a metrics label: any method outside HTTP's usual ones is `other` (bounded series)."""
     return method if method in METHODS else "other"
+
+
+def request_info(conn: HTTPConnection) -> RequestInfo | None:
+    """The RequestInfo this middleware put in the scope (the serving layer adds the tokens)."""
+    info: RequestInfo | None = conn.scope.get(SCOPE_KEY)
+    return info
 
 
 class AccessLog:

@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from easllm import __version__
-from easllm.chat.service import ChatService
 from easllm.config import ServerConfig
 from easllm.engine.base import Engine
 from easllm.history.export import HistoryExporter
@@ -25,8 +24,10 @@ from easllm.server.errors import install_error_handlers
 from easllm.server.limits import RequestLimits
 from easllm.server.lockout import FailedTokens
 from easllm.server.metrics import ServiceMetrics
-from easllm.server.observability import EngineWatch, Progress, RoundObserver
 from easllm.server.routes import eas, health, knowledge, metrics, openai, websocket
+from easllm.server.state import ServiceState, attach_state
+from easllm.serving.chat import ChatServing
+from easllm.serving.observe import EngineWatch, Progress, RoundObserver
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ def create_app(config: ServerConfig, engine: Engine) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redact_secrets()  # whatever server runs the app, its logs never carry a ?token=
-        loading = asyncio.create_task(_load(app, engine))
+        loading = asyncio.create_task(_load(state))
+        history = state.history
         if history is not None:
             history.start()
         try:
@@ -48,7 +50,7 @@ def create_app(config: ServerConfig, engine: Engine) -> FastAPI:
             await engine.close()
             if history is not None:  # the open period is exported now, not at the next start
                 await asyncio.to_thread(history.close)
-            app.state.knowledge.close()
+            state.knowledge.close()
 
     # No open /docs or /redoc (they load Swagger from a CDN); /openapi.json needs the token.
     app = FastAPI(
@@ -59,22 +61,8 @@ def create_app(config: ServerConfig, engine: Engine) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    app.state.config = config
-    app.state.engine = engine
-    app.state.load_error = None
-    app.state.embedder = SharedEmbedder(config.embedding_model)
-    app.state.knowledge = KnowledgeBase(
-        config.service_data_dir / "knowledge", app.state.embedder, config.knowledge, name=config.service_name
-    )
-    app.state.chat = ChatService(engine, config.max_round, config.no_template, app.state.knowledge)
-    history = _history_exporter(config)
-    app.state.history = history
-    app.state.metrics = ServiceMetrics(engine, app.state.knowledge, history)
-    progress = Progress()
-    app.state.rounds = RoundObserver(config.service_name, engine, app.state.metrics, history, progress)
-    app.state.engine_watch = EngineWatch(progress)
-    app.state.ws_pending = websocket.PendingBytes()
-    app.state.failed_tokens = FailedTokens()
+    state = _service_state(config, engine)
+    attach_state(app, state)
     # The last added runs first: the access log sees every refusal of the limits and of CORS.
     app.add_middleware(RequestLimits, config=config)
     app.add_middleware(
@@ -85,7 +73,7 @@ def create_app(config: ServerConfig, engine: Engine) -> FastAPI:
     )
     if config.cors_origins:  # closed by default: no browser page of another origin reads a reply
         app.add_middleware(ApiCORS, origins=config.cors_origins)
-    app.add_middleware(AccessLog, metrics=app.state.metrics)
+    app.add_middleware(AccessLog, metrics=state.metrics)
     install_error_handlers(app)
     serve_openapi(app, require_token)
     app.include_router(health.router)
@@ -98,8 +86,33 @@ def create_app(config: ServerConfig, engine: Engine) -> FastAPI:
     if not config.api_only:
         from easllm.webui import mount_webui  # imports Gradio: only when the WebUI is served
 
-        mount_webui(app)
+        mount_webui(app, state)
     return app
+
+
+def _service_state(config: ServerConfig, engine: Engine) -> ServiceState:
+    embedder = SharedEmbedder(config.embedding_model)
+    kb = KnowledgeBase(
+        config.service_data_dir / "knowledge", embedder, config.knowledge, name=config.service_name
+    )
+    history = _history_exporter(config)
+    service_metrics = ServiceMetrics(engine, kb, history)
+    progress = Progress()
+    observer = RoundObserver(config.service_name, engine, service_metrics, history, progress)
+    chat = ChatServing(engine, config.max_round, config.no_template, kb, observer, config.tool_call_parser)
+    return ServiceState(
+        config=config,
+        engine=engine,
+        embedder=embedder,
+        knowledge=kb,
+        chat=chat,
+        history=history,
+        metrics=service_metrics,
+        observer=observer,
+        engine_watch=EngineWatch(progress),
+        ws_pending=websocket.PendingBytes(),
+        failed_tokens=FailedTokens(),
+    )
 
 
 def _history_exporter(config: ServerConfig) -> HistoryExporter | None:
@@ -112,15 +125,15 @@ def _history_exporter(config: ServerConfig) -> HistoryExporter | None:
     )
 
 
-async def _load(app: FastAPI, engine: Engine) -> None:
+async def _load(state: ServiceState) -> None:
+    engine, config = state.engine, state.config
     try:
         await engine.start()
     except Exception as exc:
-        app.state.load_error = str(exc)
+        state.load_error = str(exc)
         log.exception("the model failed to load")
         return
     info = engine.model_info
-    config = app.state.config
     log.info("model %s ready (engine %s, context %d)", info.name, info.engine, info.context_length)
     print(f"easllm: ready on http://{config.host}:{config.port}/", flush=True)
     if info.chat_template is None:

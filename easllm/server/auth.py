@@ -9,6 +9,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from easllm.server.lockout import FailedTokens, busy_message
+from easllm.server.state import state_of
 
 
 def token_matches(header: str | None, token: str) -> bool:
@@ -30,18 +31,18 @@ async def check_token(failures: FailedTokens, client: str | None, token: str, *p
 
 def raise_unless(verdict: int, missing: str) -> None:
     if verdict == 429:
-        raise HTTPException(429, busy_message(), headers={"Retry-After": "1"})
+        raise HTTPException(429, busy_message())  # Retry-After: server/errors.py
     if verdict != 200:
         raise HTTPException(401, missing)
 
 
 async def require_token(request: Request) -> None:
-    token: str | None = request.app.state.config.token
+    state = state_of(request.app)
+    token = state.config.token
     if not token:
         return
-    failures: FailedTokens = request.app.state.failed_tokens
     client = request.client.host if request.client else None
-    verdict = await check_token(failures, client, token, request.headers.get("authorization"))
+    verdict = await check_token(state.failed_tokens, client, token, request.headers.get("authorization"))
     raise_unless(verdict, "missing or wrong token in the Authorization header")
 
 

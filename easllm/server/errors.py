@@ -1,4 +1,5 @@
-"""Map the core's typed errors to HTTP status codes and one JSON error shape, in one place."""
+"""HTTP answers of the one error policy (`easllm.errors.failure`): the JSON error shape, the status
+and the headers. `Retry-After` is set here and nowhere else in the app's handlers."""
 
 from __future__ import annotations
 
@@ -10,69 +11,48 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from easllm.engine.base import EngineError, EngineOverloaded
-from easllm.errors import InvalidRequest, NotReady
+from easllm.errors import EngineError, Failure, InvalidRequest, NotReady, failure
 
 log = logging.getLogger(__name__)
 
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    408: "invalid_request_error",
-    409: "invalid_request_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "service_unavailable",
-    507: "insufficient_storage",
-}
-
 
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, object]:
-    return {
-        "error": {
-            "message": message,
-            "type": ERROR_TYPES.get(status, "server_error"),
-            "param": param,
-            "code": status,
-        }
-    }
+    return Failure(status, message, param).body()
+
+
+def failure_headers(failed: Failure) -> dict[str, str]:
+    headers = {}
+    if failed.retry_after is not None:
+        headers["Retry-After"] = str(failed.retry_after)
+    if failed.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return headers
+
+
+def failure_response(failed: Failure, headers: dict[str, str] | None = None) -> JSONResponse:
+    merged = {**failure_headers(failed), **(headers or {})}
+    return JSONResponse(failed.body(), status_code=failed.status, headers=merged or None)
 
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
-    if status == 401:
-        headers = {"WWW-Authenticate": "Bearer"}
-    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
+    return failure_response(Failure(status, message, param))
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(InvalidRequest)
-    async def _invalid(_: Request, exc: InvalidRequest) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param)
+    async def _failed(_: Request, exc: Exception) -> JSONResponse:
+        return failure_response(failure(exc))
+
+    for kind in (InvalidRequest, NotReady, EngineError):  # EngineOverloaded is an EngineError
+        app.add_exception_handler(kind, _failed)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         where = ".".join(loc) or "body"
-        return error_response(400, f"{where}: {first.get('msg', 'invalid value')}", loc[0] if loc else None)
-
-    @app.exception_handler(NotReady)
-    async def _not_ready(_: Request, exc: NotReady) -> JSONResponse:
-        return error_response(503, str(exc))
-
-    @app.exception_handler(EngineOverloaded)
-    async def _overloaded(_: Request, exc: EngineOverloaded) -> JSONResponse:
-        return error_response(503, str(exc))
-
-    @app.exception_handler(EngineError)
-    async def _engine(_: Request, exc: EngineError) -> JSONResponse:
-        log.error("engine error: %s", exc)
-        return error_response(500, str(exc))
+        return failure_response(
+            Failure(400, f"{where}: {first.get('msg', 'invalid value')}", loc[0] if loc else None)
+        )
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, _: ClientDisconnect) -> Response:
@@ -82,6 +62,4 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
-        response = error_response(exc.status_code, str(exc.detail))
-        response.headers.update(exc.headers or {})
-        return response
+        return failure_response(Failure(exc.status_code, str(exc.detail)), dict(exc.headers or {}))

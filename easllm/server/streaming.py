@@ -1,59 +1,59 @@
-"""Stream writers: engine deltas -> bytes on the wire. Disconnects close the delta stream."""
+"""Stream writers: deltas -> bytes on the wire. A disconnect closes the delta stream (and so aborts
+the generation); a failure after the 200 has gone out is one error chunk, then the stream ends."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
+import json
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
+from typing import Any
 
-from starlette.requests import Request
-
-from easllm.chat.service import Answer, collect
 from easllm.engine.types import TokenDelta
+from easllm.errors import failure
+from easllm.protocol.eas import RoundReplies
 
 
-async def first_then_rest(deltas: AsyncIterator[TokenDelta]) -> AsyncIterator[TokenDelta]:
-    """Pull the first delta now, so queue-full and engine errors become a status code, not a
-    broken 200 stream; the returned iterator replays it."""
-    first = await anext(deltas)
-
-    async def replay() -> AsyncIterator[TokenDelta]:
-        async with aclosing(deltas):
-            yield first
-            if first.finish_reason is None:
-                async for delta in deltas:
-                    yield delta
-
-    return replay()
+def error_json(exc: BaseException) -> str:
+    """The error policy's answer to `exc` as one JSON object (`{"error": {...}}`)."""
+    return json.dumps(failure(exc).body(), ensure_ascii=False)
 
 
-async def nul_delimited(
+async def eas_chunks(
     deltas: AsyncIterator[TokenDelta],
-    chunk: Callable[[str, str, TokenDelta], str],
-) -> AsyncIterator[bytes]:
-    """Each update as one JSON object followed by NUL; `chunk(text_so_far, new_text, delta)` is its text."""
+    replies: RoundReplies,
+    delta_mode: bool,
+    sources: list[dict[str, Any]] | None,
+) -> AsyncGenerator[tuple[str, str, TokenDelta]]:
+    """(reply JSON, answer so far, delta) for each delta with text or a finish reason; the last
+    reply carries usage, finish reason and sources. Ends after the finish reason."""
     text = ""
     async with aclosing(deltas):
         async for delta in deltas:
             if not delta.text and delta.finish_reason is None:
                 continue
             text += delta.text
-            yield chunk(text, delta.text, delta).encode() + b"\0"
-
-
-async def collect_unless_disconnected(
-    deltas: AsyncIterator[TokenDelta], request: Request, poll: float = 0.2
-) -> Answer | None:
-    """The whole answer, or None when the client goes away first (generation is aborted)."""
-    task = asyncio.ensure_future(collect(deltas))
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=poll)
+            done = delta.finish_reason is not None
+            shown = delta.text if delta_mode else text
+            yield (
+                replies.dumps(shown, text, delta.usage, delta.finish_reason, sources if done else None),
+                text,
+                delta,
+            )
             if done:
-                return task.result()
-            if await request.is_disconnected():
-                return None
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+                return
+
+
+async def nul_delimited(
+    deltas: AsyncIterator[TokenDelta],
+    replies: RoundReplies,
+    delta_mode: bool,
+    sources: list[dict[str, Any]] | None,
+) -> AsyncIterator[bytes]:
+    """The EAS stream: each reply as one JSON object followed by NUL; a failure mid-stream is one
+    `{"error": ...}` object and NUL, then the stream ends."""
+    async with aclosing(eas_chunks(deltas, replies, delta_mode, sources)) as chunks:
+        try:
+            async for chunk, _, _ in chunks:
+                yield chunk.encode() + b"\0"
+        except Exception as exc:
+            yield error_json(exc).encode() + b"\0"

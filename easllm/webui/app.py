@@ -9,12 +9,12 @@ from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
-from fastapi import FastAPI
 
 from easllm import __version__
 from easllm.config import ServerConfig
 from easllm.engine.base import Engine
 from easllm.errors import NotReady
+from easllm.server.state import ServiceState
 from easllm.webui.chat_tab import ChatRunner, ParameterControls, build_chat_panel
 from easllm.webui.knowledge_tab import build_knowledge_tab
 from easllm.webui.messages import default_controls, md_escape
@@ -47,10 +47,9 @@ def model_banner(engine: Engine, config: ServerConfig, load_error: str | None = 
     )
 
 
-def build_blocks(app: FastAPI) -> gr.Blocks:
-    state = app.state
-    config: ServerConfig = state.config
-    engine: Engine = state.engine
+def build_blocks(state: ServiceState) -> gr.Blocks:
+    config = state.config
+    engine = state.engine
     defaults = default_controls(config.sampling)
     title = f"easllm · {config.service_name}"
     # delete_cache: uploads older than an hour go, and all of them at shutdown.
@@ -82,12 +81,10 @@ def build_blocks(app: FastAPI) -> gr.Blocks:
                 )
         with gr.Tabs():
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
-                runner = ChatRunner(state.chat, rounds=getattr(state, "rounds", None))
+                runner = ChatRunner(state.chat)
                 build_chat_panel(runner, controls, "chat", "Type a message and press Send…")
             with gr.Tab("Knowledge base (LangChain)", id="knowledge", elem_id="tab-knowledge"):
-                table, chosen, status, actions = build_knowledge_tab(
-                    state.knowledge, state.chat, controls, getattr(state, "rounds", None)
-                )
+                table, chosen, status, actions = build_knowledge_tab(state.knowledge, state.chat, controls)
 
         def banner_now() -> str:
             return model_banner(engine, config, state.load_error)

@@ -2,7 +2,8 @@
 
 Used twice: by the Chat tab (plain chat) and by the knowledge-base tab (`use_knowledge`: grounded on
 the service's knowledge base, with the sources under each answer). Both call the service's own
-ChatService in-process, so the WebUI shares the API's engine, queue and knowledge base.
+serving layer in-process (`ChatServing.converse`, as the EAS API does), so the WebUI shares the
+API's engine, queue, knowledge base, metrics and history export.
 """
 
 from __future__ import annotations
@@ -16,12 +17,10 @@ from typing import Any
 
 import gradio as gr
 
-from easllm.chat.service import ChatService, PreparedRound
-from easllm.chat.template import Conversation
-from easllm.engine.base import EngineError, EngineOverloaded
-from easllm.engine.types import TokenDelta, Usage
-from easllm.errors import InvalidRequest, NotReady
-from easllm.server.observability import RoundObserver
+from easllm.engine.types import Usage
+from easllm.errors import failure
+from easllm.serving.caller import Caller
+from easllm.serving.chat import ChatServing, Turn
 from easllm.webui.messages import (
     Controls,
     Message,
@@ -54,12 +53,9 @@ class ParameterControls:
 class ChatRunner:
     """The event handler behind Send: one round, streamed; closing it (Stop) aborts the engine request."""
 
-    def __init__(
-        self, service: ChatService, use_knowledge: bool = False, rounds: RoundObserver | None = None
-    ) -> None:
-        self.service = service
+    def __init__(self, chat: ChatServing, use_knowledge: bool = False) -> None:
+        self.chat = chat
         self.use_knowledge = use_knowledge
-        self.rounds = rounds  # metrics and history export, as for every API
         self.api = "webui.knowledge" if use_knowledge else "webui"
 
     async def respond(
@@ -81,13 +77,14 @@ class ChatRunner:
         if self.use_knowledge:
             self._require_knowledge()
         conv = conversation(text, chat, controls.system_prompt)
+        turn = Turn(self.api, conv, controls.sampling(), use_knowledge=self.use_knowledge)
+        browser = Caller(
+            client=getattr(getattr(request, "client", None), "host", None),
+            session=getattr(request, "session_hash", None),
+        )
         try:
-            prepared = await self.service.prepare_async(
-                conv,
-                controls.sampling(),
-                use_knowledge=self.use_knowledge,
-            )
-        except (InvalidRequest, NotReady) as exc:
+            generation = await self.chat.converse(turn, browser, start=False)
+        except Exception as exc:
             raise _page_error(exc) from exc
         shown = [*chat, user_message(text), assistant_message("")]
         yield "", list(shown), "Generating…"
@@ -97,7 +94,7 @@ class ChatRunner:
         started = time.monotonic()
         first_at: float | None = None
         try:
-            async with aclosing(self._stream(conv, prepared, request)) as deltas:
+            async with aclosing(generation.streams[0]) as deltas:
                 async for delta in deltas:
                     if delta.text:
                         first_at = first_at or time.monotonic()
@@ -106,31 +103,19 @@ class ChatRunner:
                     if delta.finish_reason is not None:
                         usage, finish = delta.usage, delta.finish_reason.value
                     yield "", list(shown), ""
-        except (EngineError, NotReady) as exc:
+        except Exception as exc:
             log.warning("webui: generation failed: %s", exc)
             if not parts:  # nothing shown yet: give the message back for another try
                 yield text, chat, ""
             raise _page_error(exc) from exc
         if self.use_knowledge:
-            shown.append(sources_message(prepared.sources))
+            shown.append(sources_message(generation.sources))
         ended = time.monotonic()
         first = (first_at or ended) - started
         yield "", shown, stats_line(usage, ended - started, first, finish)
 
-    def _stream(
-        self, conv: Conversation, prepared: PreparedRound, request: gr.Request | None
-    ) -> AsyncIterator[TokenDelta]:
-        deltas = self.service.stream(prepared.request)
-        if self.rounds is None:
-            return deltas
-        session = getattr(request, "session_hash", None)
-        client = getattr(getattr(request, "client", None), "host", None)
-        return self.rounds.watch(
-            deltas, self.api, None, conv, prepared.request, prepared.sources, session=session, client=client
-        )
-
     def _require_knowledge(self) -> None:
-        kb = self.service.knowledge
+        kb = self.chat.knowledge
         if kb is None or kb.is_empty():
             raise gr.Error(
                 "The knowledge base is empty: upload files above and press “Vectorstore knowledge” first.",
@@ -140,12 +125,11 @@ class ChatRunner:
 
 
 def _page_error(exc: Exception) -> gr.Error:
-    if isinstance(exc, EngineOverloaded):
-        return gr.Error("The server is busy: try again in a moment.", print_exception=False)
-    if isinstance(exc, NotReady):
-        return gr.Error("The model is still loading: try again in a moment.", print_exception=False)
-    message = exc.message if isinstance(exc, InvalidRequest) else str(exc)
-    return gr.Error(message, duration=None, print_exception=False)
+    """The error policy's answer, as the page shows it: one to wait out, or one to read."""
+    failed = failure(exc)
+    if failed.retry_after is not None:
+        return gr.Error(f"{failed.message}: try again in a moment.", print_exception=False)
+    return gr.Error(failed.message, duration=None, print_exception=False)
 
 
 def build_chat_panel(

@@ -14,11 +14,10 @@ from typing import Any
 
 import gradio as gr
 
-from easllm.chat.service import ChatService
 from easllm.errors import InvalidRequest
 from easllm.rag.knowledge import FileNotInKnowledgeBase, IngestProgress, KnowledgeBase
 from easllm.rag.loaders import KINDS
-from easllm.server.observability import RoundObserver
+from easllm.serving.chat import ChatServing
 from easllm.webui.chat_tab import ChatRunner, ParameterControls, build_chat_panel
 from easllm.webui.messages import FILE_COLUMNS, file_rows, md_escape, plural
 
@@ -112,7 +111,7 @@ class KnowledgeActions:
 
 
 def build_knowledge_tab(
-    kb: KnowledgeBase, service: ChatService, controls: ParameterControls, rounds: RoundObserver | None = None
+    kb: KnowledgeBase, chat: ChatServing, controls: ParameterControls
 ) -> tuple[gr.Dataframe, gr.Dropdown, gr.Markdown, KnowledgeActions]:
     """The tab's layout and events; returns what the page refreshes when it loads."""
     actions = KnowledgeActions(kb)
@@ -166,6 +165,6 @@ def build_knowledge_tab(
         concurrency_id="kb-write",
         api_visibility="private",
     )
-    runner = ChatRunner(service, use_knowledge=True, rounds=rounds)
+    runner = ChatRunner(chat, use_knowledge=True)
     build_chat_panel(runner, controls, "kb", "Ask a question about the indexed files…")
     return table, chosen, status, actions

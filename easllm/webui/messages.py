@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from easllm.chat.service import Source
 from easllm.chat.template import Conversation
 from easllm.config import SamplingDefaults
 from easllm.engine.types import SamplingParams, Usage
 from easllm.rag.store import StoredFile
+from easllm.serving.prompts import Source
 
 Message = dict[str, Any]  # {"role": "user"|"assistant", "content": str, "metadata": {...}}
 EXCERPT_CHARS = 280

@@ -1,6 +1,6 @@
 """Serve the WebUI under /webui/ of the service's app, and send browsers from `GET /` to it.
 
-    mount_webui(app)   # in create_app, after app.state has config, engine, chat and knowledge
+    mount_webui(app, state)   # in create_app, with the app's ServiceState
 
 Gradio needs about a second of CPU to build the page (its Blocks create several FastAPI apps), so
 the page is built at the first /webui/ request, not with the app: API-only work and the test
@@ -23,8 +23,8 @@ from fastapi.responses import RedirectResponse, Response
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from easllm.config import ServerConfig
 from easllm.server.errors import error_response
+from easllm.server.state import ServiceState
 from easllm.webui.app import CSS, build_blocks, token_checker
 from easllm.webui.gate import WebUIGate
 
@@ -37,8 +37,8 @@ AUTH_MESSAGE = "This service needs its token: enter any user name and the token 
 class LazyWebUI:
     """The ASGI app mounted at /webui: builds and starts the Gradio app at its first request."""
 
-    def __init__(self, parent: FastAPI) -> None:
-        self.parent = parent
+    def __init__(self, state: ServiceState) -> None:
+        self.state = state
         self.blocks: gr.Blocks | None = None
         self._app: ASGIApp | None = None
         self._lock: asyncio.Lock | None = None
@@ -59,16 +59,16 @@ class LazyWebUI:
                 await self._stack.enter_async_context(container.router.lifespan_context(container))
                 self._stack.callback(blocks.close, verbose=False)
                 self.blocks = blocks
-                token = self.parent.state.config.token
-                failures = self.parent.state.failed_tokens
+                token = self.state.config.token
+                failures = self.state.failed_tokens
                 self._app = WebUIGate(gradio_app, gradio_app, token, failures) if token else gradio_app
                 log.info("WebUI built in %.2f s", asyncio.get_running_loop().time() - started)
         assert self._app is not None
         return self._app
 
     def _build(self) -> tuple[FastAPI, gr.Blocks, Any]:
-        config: ServerConfig = self.parent.state.config
-        blocks = build_blocks(self.parent)
+        config = self.state.config
+        blocks = build_blocks(self.state)
         container = FastAPI()
         gr.mount_gradio_app(
             container,
@@ -99,10 +99,10 @@ class LazyWebUI:
         self.blocks = None
 
 
-def mount_webui(app: FastAPI) -> LazyWebUI:
-    config: ServerConfig = app.state.config
-    webui = LazyWebUI(app)
-    app.state.webui = webui
+def mount_webui(app: FastAPI, state: ServiceState) -> LazyWebUI:
+    config = state.config
+    webui = LazyWebUI(state)
+    state.webui = webui
     app.mount(WEBUI_PATH, webui)
     outer = app.router.lifespan_context
 

@@ -27,6 +27,7 @@ from easllm.rag import loaders
 from easllm.rag.loaders import load_document
 from easllm.rag.sql_schema import open_engine
 from easllm.server.app import create_app
+from easllm.server.state import state_of
 from tests.rag_samples import pdf_bytes
 
 TOKEN = "fault-token"
@@ -50,7 +51,7 @@ def upload(client: TestClient, name: str, text: str):  # type: ignore[no-untyped
 
 def fill_the_database(client: TestClient) -> Callable[[], None]:
     """SQLite's own limit on the file's pages, so the next write that grows it fails SQLITE_FULL."""
-    engine = client.app.state.knowledge.store.engine
+    engine = state_of(client.app).knowledge.store.engine
     with engine.connect() as conn:
         pages = conn.exec_driver_sql("PRAGMA page_count").scalar()
 
@@ -86,7 +87,7 @@ def test_a_full_database_during_ingestion_is_a_507_naming_the_file_and_changes_n
     assert client.post("/", content=b"still serving [eos]", headers=AUTH).status_code == 200
     listed = client.get("/v1/knowledge/files", headers=AUTH).json()
     assert [f["name"] for f in listed["files"]] == ["kept.txt"] and listed["chunks"] == 1
-    knowledge = client.app.state.knowledge
+    knowledge = state_of(client.app).knowledge
     assert knowledge.original("kept.txt").startswith(b"The vault")  # and the refused file left nothing:
     assert knowledge.store.original("new.txt") is None
     undo()
@@ -97,7 +98,7 @@ def test_a_knowledge_base_database_out_of_reach_is_a_503_on_every_route_not_a_50
     client: TestClient,
 ) -> None:
     assert upload(client, "kept.txt", "The vault opens with the word marigold.").status_code == 200
-    store = client.app.state.knowledge.store
+    store = state_of(client.app).knowledge.store
     reachable = store.engine
     with socket.socket() as s:  # a port nothing listens on: connections are refused at once
         s.bind(("127.0.0.1", 0))

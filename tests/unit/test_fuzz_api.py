@@ -28,6 +28,7 @@ from easllm.config import KnowledgeConfig, SamplingDefaults, ServerConfig
 from easllm.engine.backends.fake import FakeEngine
 from easllm.server.app import create_app
 from easllm.server.lockout import FailedTokens
+from easllm.server.state import state_of
 
 TOKEN = "fuzz-token"
 AUTH = {"Authorization": TOKEN}
@@ -151,7 +152,7 @@ def test_without_the_token_every_route_but_the_probes_is_401(
     served: tuple[FastAPI, FakeEngine], headers: dict[str, str]
 ) -> None:
     app, engine = served
-    app.state.failed_tokens = FailedTokens(free=10**6)  # the lockout (429) is tested on its own
+    state_of(app).failed_tokens = FailedTokens(free=10**6)  # the lockout (429) is tested on its own
     tally = Tally()
     fuzz(app, schemathesis.GenerationMode.POSITIVE, headers, tally, authorized=False, examples=EXAMPLES // 3)
     print(

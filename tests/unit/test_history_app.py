@@ -21,7 +21,9 @@ from easllm.history.record import conversation_from_messages
 from easllm.rag.splitter import Chunk
 from easllm.rag.store import Hit
 from easllm.server.metrics import ServiceMetrics
-from easllm.server.observability import RoundObserver
+from easllm.server.state import state_of
+from easllm.serving.caller import Caller
+from easllm.serving.observe import RoundObserver
 from tests.apps import serving
 
 TOKEN = "s3cret"
@@ -144,7 +146,7 @@ def test_every_front_end_records_each_round_once_with_its_fields(tmp_path: Path)
 def test_knowledge_base_sources_are_recorded(tmp_path: Path) -> None:
     hit = Hit(Chunk("manual.md", "The pump runs at 5 bar.", page=2, heading="Pump"), 0.87)
     with start(tmp_path) as client:
-        client.app.state.chat.retrieve = lambda question: [hit]  # type: ignore[attr-defined]
+        state_of(client.app).chat.prompts.retrieve = lambda question: [hit]  # type: ignore[method-assign]
         r = client.post("/", json={"prompt": "pressure?", "langchain": True}, headers=AUTH)
         assert r.status_code == 200, r.text
     (record,) = records(tmp_path / "export")
@@ -224,7 +226,9 @@ REQ = GenerationRequest([1, 2, 3], SamplingParams(max_new_tokens=9))
 
 async def test_a_stream_closed_early_is_recorded_as_aborted_with_its_partial_text() -> None:
     rounds, history = observer()
-    watched = rounds.watch(deltas(["a", "b", "c"], FinishReason.STOP), "webui", None, "q", REQ, session="s1")
+    watched = rounds.watch(
+        deltas(["a", "b", "c"], FinishReason.STOP), "webui", Caller(session="s1"), "q", REQ
+    )
     async with aclosing(watched) as stream:
         async for delta in stream:
             if delta.text == "b":
@@ -245,7 +249,7 @@ async def test_a_stream_closed_early_is_recorded_as_aborted_with_its_partial_tex
 async def test_a_stream_that_fails_midway_is_recorded_as_error_and_still_raises() -> None:
     rounds, history = observer()
     conv = Conversation("q", "sys", (("u", "a"),))
-    watched = rounds.watch(deltas(["x"], None, fail=True), "webui", None, conv, REQ, client="10.0.0.7")
+    watched = rounds.watch(deltas(["x"], None, fail=True), "webui", Caller(client="10.0.0.7"), conv, REQ)
     with pytest.raises(RuntimeError, match="decode failed"):
         async for _ in watched:
             pass
@@ -263,7 +267,7 @@ async def test_a_stream_that_yields_nothing_is_not_a_round() -> None:
         yield  # pragma: no cover
 
     with pytest.raises(RuntimeError):
-        async for _ in rounds.watch(refused(), "eas", None, "q", REQ):
+        async for _ in rounds.watch(refused(), "eas", Caller(), "q", REQ):
             pass
     assert history.lines == []
     assert (

@@ -24,6 +24,7 @@ from easllm.protocol.validation import MAX_JSON_CONTAINERS, MAX_STOP_CHARS, MAX_
 from easllm.server.app import create_app
 from easllm.server.lockout import FailedTokens
 from easllm.server.routes.websocket import Connection
+from easllm.server.state import state_of
 from tests.apps import serving
 
 TOKEN = "hostile-token"
@@ -232,13 +233,13 @@ def test_a_websocket_queueing_more_bytes_than_one_message_is_closed(tmp_path: Pa
                 while True:
                     ws.receive_text()
         assert closed.value.code == 1008 and "1048 bytes waiting" in closed.value.reason
-        assert client.app.state.ws_pending.total == 0  # type: ignore[attr-defined]
+        assert state_of(client.app).ws_pending.total == 0
 
 
 def test_all_websockets_together_are_bounded_too(tmp_path: Path) -> None:
     config = ServerConfig(token=TOKEN, data_dir=tmp_path, sampling=SamplingDefaults(max_new_tokens=200))
     with serving(config, FakeEngine(context_length=512, token_delay=0.02)) as client:
-        client.app.state.ws_pending.limit = 1000  # type: ignore[attr-defined]
+        state_of(client.app).ws_pending.limit = 1000
         with client.websocket_connect("/", headers=AUTH) as ws:
             ws.send_text("a slow first answer")
             ws.send_text("y" * 1200)

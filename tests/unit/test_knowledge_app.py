@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from easllm.config import KnowledgeConfig, SamplingDefaults, ServerConfig
 from easllm.engine.backends.fake import FakeEngine
+from easllm.server.state import state_of
 from tests.apps import serving
 from tests.rag_samples import (
     DEEPSPEED_README,
@@ -112,7 +113,7 @@ def test_path_names_are_stored_under_a_safe_name(client: TestClient, tmp_path: P
     assert r.status_code == 200
     assert names(client) == ["abs.md", "escape.txt"]
     assert not (tmp_path.parent / "escape.txt").exists()
-    knowledge = client.app.state.knowledge
+    knowledge = state_of(client.app).knowledge
     assert knowledge.original("escape.txt") == b"inside" and knowledge.original("abs.md") == b"# A\n\nabs"
 
 

@@ -14,7 +14,8 @@ from easllm.config import SamplingDefaults, ServerConfig
 from easllm.engine.backends.fake import FakeEngine
 from easllm.engine.types import EngineHealth, GenerationRequest, ModelInfo
 from easllm.server.app import create_app
-from easllm.server.observability import EngineWatch, Progress
+from easllm.server.state import state_of
+from easllm.serving.observe import EngineWatch, Progress
 
 
 class GatedEngine(FakeEngine):
@@ -84,7 +85,7 @@ def test_a_stuck_engine_is_not_ready_until_it_moves_again(tmp_path: Path) -> Non
     engine.loaded.set()
     with app_for(engine, tmp_path) as client, ThreadPoolExecutor(1) as pool:
         wait_for(client, "/ready", 200)
-        client.app.state.engine_watch.stall_after = 0.3  # type: ignore[attr-defined]
+        state_of(client.app).engine_watch.stall_after = 0.3
         engine.step.clear()  # the next token never comes
         answer = pool.submit(client.post, "/", json={"prompt": "hi"}, headers={"Authorization": "t"})
         body = wait_for(client, "/ready", 503)

@@ -13,11 +13,12 @@ import pytest
 from fastapi.testclient import TestClient
 from llama_cpp.llama_grammar import JSON_GBNF
 
-from easllm.chat.service import PreparedRound, Source
 from easllm.config import SamplingDefaults, ServerConfig
 from easllm.engine.backends.fake import FakeEngine
 from easllm.engine.types import GenerationRequest, ModelInfo, TokenDelta, TokenLogprob
 from easllm.server.app import create_app
+from easllm.server.state import state_of
+from easllm.serving.prompts import Prepared, Source
 from tests.apps import start
 
 TOKEN = "s3cret"
@@ -349,12 +350,12 @@ def test_streamed_chat_logprobs(fclient: TestClient) -> None:
 def test_knowledge_base_flag_goes_through_the_chat_service(client: TestClient) -> None:
     seen = {}
 
-    async def prepare(conv, sampling, no_template=None, max_round=None, use_knowledge=False):
+    def prepare(conv, sampling, no_template=None, max_round=None, use_knowledge=False):
         seen.update(conv=conv, max_round=max_round, use_knowledge=use_knowledge)
-        ids = client.app.state.engine.tokenize(f"<|im_start|>user\n{conv.prompt} [eos]<|im_end|>")
-        return PreparedRound(GenerationRequest(ids, sampling), [Source("a.txt", "Paris is in France.", 0.9)])
+        ids = state_of(client.app).engine.tokenize(f"<|im_start|>user\n{conv.prompt} [eos]<|im_end|>")
+        return Prepared(GenerationRequest(ids, sampling), conv, [Source("a.txt", "Paris is in France.", 0.9)])
 
-    client.app.state.chat.prepare_async = prepare
+    state_of(client.app).chat.prompts.conversation = prepare  # type: ignore[method-assign]
     messages = [
         {"role": "system", "content": "Use the notes."},
         {"role": "user", "content": "q1"},
@@ -614,7 +615,7 @@ class SharedWords:
 @pytest.fixture
 def words(client: TestClient) -> WordEmbedder:
     shared = SharedWords()
-    client.app.state.embedder = shared
+    state_of(client.app).embedder = shared
     return shared.embedder
 
 

@@ -11,7 +11,8 @@ from easllm.engine.backends.fake import FakeEngine
 from easllm.engine.base import EngineOverloaded
 from easllm.engine.types import GenerationRequest, SamplingParams
 from easllm.errors import InvalidRequest
-from easllm.server.sse import merge_choices, sse_bytes
+from easllm.server.sse import sse_bytes
+from easllm.serving.choices import merge_choices
 
 
 async def events(*items: object) -> AsyncIterator[dict]:

@@ -18,6 +18,7 @@ from easllm.engine.types import ModelInfo
 from easllm.protocol.openai_tools import MAX_TOOLS
 from easllm.rag.splitter import Chunk
 from easllm.rag.store import Hit
+from easllm.server.state import state_of
 from tests.apps import start
 from tests.tool_templates import HERMES_TEMPLATE
 
@@ -219,7 +220,7 @@ def test_knowledge_base_with_tools_puts_excerpts_in_the_system_part(
     client: TestClient, engine: ToolFake, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hits = [Hit(Chunk("tokyo.md", "Tokyo is in Japan."), 0.9)]
-    monkeypatch.setattr(client.app.state.chat, "retrieve", lambda question: hits)
+    monkeypatch.setattr(state_of(client.app).chat.prompts, "retrieve", lambda question: hits)
     data = ok(post(client, CALL, knowledge_base=True))
     assert data["choices"][0]["finish_reason"] == "tool_calls"
     assert data["sources"][0]["source"] == "tokyo.md"
@@ -318,7 +319,7 @@ def test_content_and_a_call_in_the_last_delta_stream_content_first() -> None:
     from easllm.engine.types import FinishReason, TokenDelta
     from easllm.protocol.openai_replies import Envelope
     from easllm.server.routes.openai import chat_events
-    from easllm.server.tool_calls import ChatTools
+    from easllm.serving.tools import ChatTools
     from easllm.tools.session import tool_session
     from easllm.tools.types import Tool, ToolRequest
 

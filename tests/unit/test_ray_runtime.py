@@ -30,6 +30,7 @@ from easllm.engine.backends.fake import FakeEngine
 from easllm.engine.types import ModelInfo
 from easllm.errors import InvalidRequest
 from easllm.server.app import create_app
+from easllm.server.state import state_of
 
 ADDRESS = "10.0.0.1:6379"
 PROXY = "http://127.0.0.1:8123"
@@ -236,8 +237,8 @@ async def test_every_answer_names_its_replica(tmp_path: Path) -> None:
 
 def test_build_service_app_is_easllm_serve_with_the_token(tmp_path: Path) -> None:
     app = build_service_app(["--engine", "fake", "--api-only", "--service-name", "svc"], "s3cret-token")
-    assert app.state.config.token == "s3cret-token" and app.state.config.service_name == "svc"
-    assert isinstance(app.state.engine, FakeEngine)
+    assert state_of(app).config.token == "s3cret-token" and state_of(app).config.service_name == "svc"
+    assert isinstance(state_of(app).engine, FakeEngine)
 
 
 # -- the console's verbs, against an in-memory Serve -----------------------------------------------

@@ -36,6 +36,7 @@ from easllm.engine.backends.fake import FakeEngine
 from easllm.logs import RedactSecrets
 from easllm.server.lockout import FailedTokens
 from easllm.server.routes.websocket import EOS
+from easllm.server.state import state_of
 from tests.apps import serving
 from tests.unit.test_webui_app import LOCKED as WEBUI_LOCKED
 
@@ -78,7 +79,7 @@ def concrete(path: str) -> str:
 
 def test_every_service_route_but_the_probes_refuses_without_the_token(tmp_path: Path) -> None:
     with start(data_dir=tmp_path) as client:
-        client.app.state.failed_tokens = FailedTokens(free=10**6)  # type: ignore[attr-defined]  # no back-off
+        state_of(client.app).failed_tokens = FailedTokens(free=10**6)  # no back-off
         http, sockets, mounts = routes(client.app)  # type: ignore[arg-type]
         paths = {p for _, p in http}
         assert {"/", "/metrics", "/openapi.json", "/v1/chat/completions", "/v1/knowledge/files"} <= paths

@@ -6,19 +6,21 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from itertools import pairwise
+from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketDenialResponse, WebSocketTestSession
 from starlette.websockets import WebSocketDisconnect
 
-from easllm.chat.service import PreparedRound, Source
 from easllm.config import SamplingDefaults, ServerConfig
 from easllm.engine.backends.fake import FakeEngine
 from easllm.engine.base import EngineOverloaded
 from easllm.engine.types import TokenDelta
 from easllm.errors import InvalidRequest
 from easllm.server.routes.websocket import EOS, MAX_PENDING
+from easllm.server.state import state_of
+from easllm.serving.prompts import Prepared, Source
 from tests.apps import serving
 
 TOKEN = "s3cret"
@@ -345,18 +347,18 @@ def test_an_invalid_message_changes_nothing(ws: WebSocketTestSession, engine: Fa
 
 
 def test_engine_overload_is_a_503_error_message(client: TestClient, ws: WebSocketTestSession) -> None:
-    service = client.app.state.chat  # type: ignore[attr-defined]
+    chat = state_of(client.app).chat
 
     async def overloaded(_req: object) -> AsyncIterator[TokenDelta]:
         raise EngineOverloaded("the engine queue is full")
         yield  # pragma: no cover
 
-    real_stream = service.stream
-    service.stream = overloaded
+    real_engine = chat.engine
+    chat.engine = SimpleNamespace(generate=overloaded)  # type: ignore[assignment]
     try:
         (error,) = ask(ws, {"prompt": "x"})
     finally:
-        service.stream = real_stream
+        chat.engine = real_engine
     assert error["error"]["code"] == 503 and "queue" in error["error"]["message"]
     assert final(ws, {"prompt": "after [eos]"})["response"] == "You said: after [eos]."
 
@@ -364,8 +366,8 @@ def test_engine_overload_is_a_503_error_message(client: TestClient, ws: WebSocke
 def test_langchain_goes_through_the_knowledge_path_and_returns_sources(
     client: TestClient, ws: WebSocketTestSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    service = client.app.state.chat  # type: ignore[attr-defined]
-    real_prepare = service.prepare
+    prompts = state_of(client.app).chat.prompts
+    real_prepare = prompts.conversation
     calls: list[bool] = []
 
     def prepare(conv, sampling, no_template=None, max_round=None, use_knowledge=False):  # type: ignore[no-untyped-def]
@@ -374,9 +376,9 @@ def test_langchain_goes_through_the_knowledge_path_and_returns_sources(
             raise InvalidRequest("the knowledge base is empty", "langchain")
         prepared = real_prepare(conv, sampling, no_template, max_round)
         sources = [Source("mnn.md", "MNN is a deep learning framework.", 0.9)] if use_knowledge else []
-        return PreparedRound(prepared.request, sources)
+        return Prepared(prepared.request, conv, sources)
 
-    monkeypatch.setattr(service, "prepare", prepare)
+    monkeypatch.setattr(prompts, "conversation", prepare)
     streamed = ask(ws, {"prompt": "What is MNN? [eos]", "langchain": True})
     assert len(streamed) >= 2 and all("sources" not in c for c in streamed[:-1])
     assert streamed[-1]["sources"] == [

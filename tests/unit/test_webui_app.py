@@ -15,11 +15,11 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from easllm.chat.service import ChatService
 from easllm.config import KnowledgeConfig, SamplingDefaults, ServerConfig
 from easllm.engine.backends.fake import FakeEngine
 from easllm.rag.embedder import SharedEmbedder
 from easllm.rag.knowledge import KnowledgeBase
+from easllm.serving.chat import ChatServing
 from easllm.webui.app import model_banner
 from easllm.webui.chat_tab import ChatRunner
 from easllm.webui.knowledge_tab import KnowledgeActions
@@ -159,7 +159,7 @@ async def send(runner: ChatRunner, message: str, chat: list, max_new_tokens: int
 async def test_an_answer_streams_in_and_the_next_round_sees_the_first(
     engine: FakeEngine, tmp_path: Path
 ) -> None:
-    runner = ChatRunner(ChatService(engine, max_round=5))
+    runner = ChatRunner(ChatServing(engine, max_round=5))
     states = await send(runner, "Hello there", [])
     answers = [s[1][-1]["content"] for s in states]
     assert len(set(answers)) >= 3  # empty, partial..., complete
@@ -176,7 +176,7 @@ async def test_an_answer_streams_in_and_the_next_round_sees_the_first(
 
 async def test_closing_the_stream_aborts_the_engine_request(engine: FakeEngine) -> None:
     """What Stop does: Gradio closes the handler's generator; the engine request must end too."""
-    runner = ChatRunner(ChatService(engine, max_round=5))
+    runner = ChatRunner(ChatServing(engine, max_round=5))
     stream = runner.respond("long one", [], "", 2000, 0.0, 1.0, 0)
     for _ in range(4):
         await anext(stream)
@@ -190,12 +190,12 @@ async def test_closing_the_stream_aborts_the_engine_request(engine: FakeEngine) 
 
 
 async def test_chat_errors_are_raised_for_the_page(engine: FakeEngine, tmp_path: Path) -> None:
-    runner = ChatRunner(ChatService(engine, max_round=5))
+    runner = ChatRunner(ChatServing(engine, max_round=5))
     with pytest.raises(gr.Error, match="Type a message"):
         await anext(runner.respond("   ", [], "", 8, 0.0, 1.0, 0))
     with pytest.raises(gr.Error, match=r"the prompt is 5051 tokens; the model's context is 4096"):
         await anext(runner.respond("x" * 5000, [], "", 8, 0.0, 1.0, 0))
-    kb_runner = ChatRunner(ChatService(engine, 5, knowledge=knowledge(tmp_path)), use_knowledge=True)
+    kb_runner = ChatRunner(ChatServing(engine, 5, knowledge=knowledge(tmp_path)), use_knowledge=True)
     with pytest.raises(gr.Error, match="knowledge base is empty"):
         await anext(kb_runner.respond("What is in it?", [], "", 8, 0.0, 1.0, 0))
     assert engine.requests == []  # nothing reached the engine
@@ -225,7 +225,7 @@ async def test_index_reports_each_file_and_the_grounded_answer_lists_sources(
     assert status.rstrip().endswith("1 file, 1 chunk indexed (embedder multilingual-e5-small).")
     assert [r[0] for r in rows] == ["install.md"] and choices["choices"] == ["install.md"]
 
-    runner = ChatRunner(ChatService(engine, 5, knowledge=kb), use_knowledge=True)
+    runner = ChatRunner(ChatServing(engine, 5, knowledge=kb), use_knowledge=True)
     states = [u async for u in runner.respond("How do I install deepspeed? [eos]", [], "", 64, 0.0, 1.0, 0)]
     chat = states[-1][1]
     assert chat[-1]["metadata"]["title"] == "Sources: install.md"
@@ -260,21 +260,25 @@ async def test_rounds_go_through_the_services_round_hook_with_the_browser_sessio
 
     class Hook:
         def watch(
-            self, deltas: Any, api: str, conn: Any, conv: Any, gen: Any, sources: Any, **kw: Any
+            self, deltas: Any, api: str, caller: Any, conv: Any, gen: Any, sources: Any, choice: int
         ) -> Any:
-            seen.append({"api": api, "conn": conn, "prompt": conv.prompt, "gen": gen, **kw})
+            seen.append(
+                {"api": api, "info": caller.info, "prompt": conv.prompt, "gen": gen, "choice": choice}
+            )
+            seen[-1].update(session=caller.session, client=caller.client)
             return deltas
 
-    runner = ChatRunner(ChatService(engine, max_round=5), rounds=Hook())  # type: ignore[arg-type]
+    runner = ChatRunner(ChatServing(engine, max_round=5, observer=Hook()))  # type: ignore[arg-type]
     browser = SimpleNamespace(session_hash="sess-1", client=SimpleNamespace(host="10.0.0.9"))
     states = [u async for u in runner.respond("Hi [eos]", [], "", 8, 0.0, 1.0, 0, browser)]  # type: ignore[arg-type]
     assert states[-1][1][-1]["content"] == "You said: Hi [eos]."
     assert seen == [
         {
             "api": "webui",
-            "conn": None,
+            "info": None,
             "prompt": "Hi [eos]",
             "gen": engine.requests[-1],
+            "choice": 0,
             "session": "sess-1",
             "client": "10.0.0.9",
         }

@@ -1,9 +1,9 @@
 """What the WebUI reads back from the page and shows: rounds, controls, sources, file rows."""
 
-from easllm.chat.service import Source
 from easllm.config import SamplingDefaults
 from easllm.engine.types import Usage
 from easllm.rag.store import StoredFile
+from easllm.serving.prompts import Source
 from easllm.webui.messages import (
     Controls,
     conversation,

@@ -70,7 +70,9 @@ class ReadyWhenLoaded:
         return send_when_loaded
 
     async def _loaded(self) -> str | None:
-        state = self.app.state
+        from easllm.server.state import state_of
+
+        state = state_of(self.app)
         deadline = time.monotonic() + self.load_timeout
         while not state.engine.health().ready:
             if state.load_error:
@@ -112,7 +114,9 @@ class ServiceReplica:
     async def check_health(self) -> None:
         """Serve replaces a replica whose check fails. Checks start after the model loaded, so
         an engine that is not ready now has died."""
-        state = self.app.app.state  # type: ignore[attr-defined]  # Serve's wrapper -> ReadyWhenLoaded
+        from easllm.server.state import state_of
+
+        state = state_of(self.app.app)  # type: ignore[attr-defined]  # Serve's wrapper -> ReadyWhenLoaded
         if state.load_error:
             raise RuntimeError(f"the model failed to load: {state.load_error}")
         health = state.engine.health()

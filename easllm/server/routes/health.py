@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from easllm.server.observability import EngineWatch
+from easllm.server.state import State
 
 router = APIRouter()
 
@@ -24,8 +24,7 @@ async def live() -> JSONResponse:
 
 
 @router.get("/health")
-async def health(request: Request) -> JSONResponse:
-    state = request.app.state
+async def health(state: State) -> JSONResponse:
     engine_health = state.engine.health()
     body = {"status": "ok" if engine_health.ready else "loading", "engine": asdict(engine_health)}
     if state.load_error:
@@ -34,12 +33,10 @@ async def health(request: Request) -> JSONResponse:
 
 
 @router.get("/ready")
-async def ready(request: Request) -> JSONResponse:
+async def ready(state: State) -> JSONResponse:
     """Readiness: 200 when the model is loaded and the engine is not stuck; 503 otherwise."""
-    state = request.app.state
     engine_health = state.engine.health()
-    watch: EngineWatch = state.engine_watch
-    stalled = watch.stalled_for(engine_health) if engine_health.ready else None
+    stalled = state.engine_watch.stalled_for(engine_health) if engine_health.ready else None
     body: dict[str, object] = {"status": "ready", "engine": asdict(engine_health)}
     if state.load_error:
         body.update(status="failed", error=state.load_error)

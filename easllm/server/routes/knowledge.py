@@ -16,10 +16,11 @@ from starlette.exceptions import HTTPException
 from easllm.errors import InvalidRequest, TooLarge
 from easllm.protocol.knowledge import KnowledgeQuery, failure_dict, file_dict, hit_dict, parse_query
 from easllm.protocol.schema import json_body, multipart_files
-from easllm.rag.knowledge import FileNotInKnowledgeBase, IngestFailure, KnowledgeBase
+from easllm.rag.knowledge import FileNotInKnowledgeBase, IngestFailure
 from easllm.rag.loaders import PARAM
 from easllm.server.auth import require_token
 from easllm.server.errors import error_body, error_response
+from easllm.server.state import State
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/knowledge", dependencies=[Depends(require_token)])
@@ -27,19 +28,15 @@ router = APIRouter(prefix="/v1/knowledge", dependencies=[Depends(require_token)]
 MAX_FIELDS = 32  # form fields that are not files (none are needed)
 
 
-def _knowledge(request: Request) -> KnowledgeBase:
-    return request.app.state.knowledge
-
-
 @router.post("/files", response_model=None, openapi_extra=multipart_files())
-async def upload_files(request: Request) -> JSONResponse:
+async def upload_files(request: Request, state: State) -> JSONResponse:
     """Multipart upload of one or many files (any field name; `files` by convention).
 
     All added: 200 `{"files": [...]}`. Any refused: the first refusal's status (400, 413, 415) with
     the error, plus `files` (those added anyway) and `errors` (one per refused file)."""
-    kb = _knowledge(request)
+    kb = state.knowledge
     limit = int(kb.config.max_file_mb * 1024 * 1024)
-    max_files = request.app.state.config.limits.max_upload_files
+    max_files = state.config.limits.max_upload_files
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         raise InvalidRequest("send the files as multipart/form-data, e.g. curl -F files=@manual.pdf", PARAM)
@@ -77,16 +74,16 @@ async def upload_files(request: Request) -> JSONResponse:
 
 
 @router.get("/files")
-async def list_files(request: Request) -> JSONResponse:
-    kb = _knowledge(request)
+async def list_files(state: State) -> JSONResponse:
+    kb = state.knowledge
     stored, chunks = await asyncio.to_thread(lambda: (kb.files(), kb.chunk_count()))  # a database read
     files = [file_dict(f) for f in stored]
     return JSONResponse({"files": files, "chunks": chunks, "embedding_model": kb.embedder_name})
 
 
 @router.delete("/files/{name}")
-async def remove_file(name: str, request: Request) -> JSONResponse:
-    kb = _knowledge(request)
+async def remove_file(name: str, state: State) -> JSONResponse:
+    kb = state.knowledge
     try:
         removed = await asyncio.to_thread(kb.remove_file, name)
     except FileNotInKnowledgeBase:
@@ -95,9 +92,9 @@ async def remove_file(name: str, request: Request) -> JSONResponse:
 
 
 @router.post("/query", openapi_extra=json_body(KnowledgeQuery))
-async def query(request: Request) -> JSONResponse:
+async def query(request: Request, state: State) -> JSONResponse:
     """`{"query": text, "top_k"?, "score_threshold"?}` -> the nearest chunks, best first."""
-    kb = _knowledge(request)
+    kb = state.knowledge
     q = parse_query(await request.body())
     hits = await asyncio.to_thread(kb.search, q.query, q.top_k, q.score_threshold)
     return JSONResponse({"query": q.query, "results": [hit_dict(h) for h in hits]})

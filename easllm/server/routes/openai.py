@@ -1,30 +1,26 @@
 """`/v1`: the OpenAI API — models, chat completions, completions (SSE streaming), embeddings.
 
-Requests become the same `GenerationRequest`s as the EAS API's and go to the same engine;
-`n` choices (and several completion prompts) are separate requests merged into one reply.
+Each route parses its request (protocol/openai.py), makes one call into the serving layer
+(`ChatServing.chat` / `.complete`: prompt, fitting, `n` choices, observation) and writes the reply
+or the SSE stream of what comes back.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import asdict, replace
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 
-from easllm.chat.service import ChatService
-from easllm.engine.types import GenerationRequest, SamplingParams, TokenDelta, Usage
-from easllm.errors import InvalidRequest
-from easllm.history.record import conversation_from_messages
+from easllm.engine.types import TokenDelta, Usage
 from easllm.protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
-    choice_samplings,
     parse_json_object,
 )
 from easllm.protocol.openai_replies import (
@@ -43,92 +39,63 @@ from easllm.protocol.openai_replies import (
 )
 from easllm.protocol.schema import json_body
 from easllm.server.auth import require_token
-from easllm.server.sse import merge_choices, sse_response
-from easllm.server.streaming import first_then_rest
-from easllm.server.tool_calls import ChatTools, chat_tools, tool_card, tool_prompt
+from easllm.server.sse import sse_response
+from easllm.server.state import ServiceState, State, http_caller
+from easllm.serving.chat import ChatCall, CompletionCall
+from easllm.serving.tools import ChatTools
 
-log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
-T = TypeVar("T")
 
 
 @router.get("/models")
-async def list_models(request: Request) -> JSONResponse:
-    return JSONResponse({"object": "list", "data": [served_model_card(request)]})
+async def list_models(state: State) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": [served_model_card(state)]})
 
 
 @router.get("/models/{model_id:path}")
-async def retrieve_model(model_id: str, request: Request) -> JSONResponse:
-    info = request.app.state.engine.model_info
+async def retrieve_model(model_id: str, state: State) -> JSONResponse:
+    info = state.engine.model_info
     if model_id != info.name:
         raise HTTPException(404, f"model {model_id!r} is not served here; this service serves {info.name!r}")
-    return JSONResponse(served_model_card(request))
+    return JSONResponse(served_model_card(state))
 
 
-def served_model_card(request: Request) -> dict[str, Any]:
-    state = request.app.state
-    info = state.engine.model_info
-    card = model_card(info, int(time.time()))
-    card.update(tool_card(card, state.chat.prompts.template, info, state.config.tool_call_parser))
+def served_model_card(state: ServiceState) -> dict[str, Any]:
+    card = model_card(state.engine.model_info, int(time.time()))
+    card.update(state.chat.tool_card(card))
     return card
 
 
 @router.post("/chat/completions", response_model=None, openapi_extra=json_body(ChatCompletionRequest))
-async def chat_completions(request: Request) -> Response:
-    state = request.app.state
+async def chat_completions(request: Request, state: State) -> Response:
     req: ChatCompletionRequest = ChatCompletionRequest.parse(parse_json_object(await request.body()))
-    service: ChatService = state.chat
     info = state.engine.model_info
-    sampling = req.sampling(state.config.sampling, info)
-    extra: dict[str, Any] = {}
-    tools = req.tool_request()
-    session = chat_tools(
-        tools, service.prompts.template, info, state.config.tool_call_parser, req.legacy_functions
+    call = ChatCall(
+        "openai.chat",
+        req.messages_native(),
+        req.sampling(state.config.sampling, info),
+        req.n,
+        req.use_knowledge,
+        req.tool_request(),
+        req.legacy_functions,
     )
-    if session is not None:
-        sampling = session.constrain(sampling)
-        messages = req.messages_native()
-        if req.use_knowledge:
-            messages, sources = await service.ground_messages(messages)
-            extra["sources"] = [asdict(s) for s in sources]
-        base = await asyncio.to_thread(tool_prompt, service.prompts, messages, session, sampling, info)
-        conv = conversation_from_messages(messages)
-    elif req.use_knowledge:
-        conv = req.conversation()
-        prepared = await service.prepare_async(
-            conv, sampling, no_template=False, max_round=len(conv.history), use_knowledge=True
-        )
-        base = prepared.request
-        extra["sources"] = [asdict(s) for s in prepared.sources]
-    else:
-        prompts = service.prompts  # tokenizing a long prompt would stall the event loop: a thread does it
-        messages = req.messages_native()
-        ids = await asyncio.to_thread(prompts.encode_messages, messages)
-        base = fit(ids, sampling, info.context_length, "messages")
-        conv = conversation_from_messages(messages)
-    gens = [GenerationRequest(base.prompt_token_ids, s) for s in choice_samplings(base.sampling, req.n)]
-    sources = extra.get("sources", ())
-    streams = [
-        state.rounds.watch(service.stream(g), "openai.chat", request, conv, g, sources, choice=i)
-        for i, g in enumerate(gens)
-    ]
+    generation = await state.chat.chat(call, http_caller(request))
+    extra = {"sources": [asdict(s) for s in generation.sources]} if req.use_knowledge else {}
     top = (req.top_logprobs or 0) if req.logprobs else None
-    prompt_tokens = len(base.prompt_token_ids)
     env = Envelope.new("chatcmpl", "chat.completion", info.name)
     if req.stream:
-        deltas = merge_choices(await start_streams(streams))
         chunks = replace(env, object="chat.completion.chunk")
-        return sse_response(
-            chat_events(chunks, deltas, len(gens), prompt_tokens, req.include_usage(), top, extra, session)
+        n, prompt_tokens, tools = len(generation.streams), generation.prompt_tokens, generation.tools
+        events = chat_events(
+            chunks, generation.deltas(), n, prompt_tokens, req.include_usage(), top, extra, tools
         )
-    outputs = await unless_disconnected(collect_choices(streams), request)
-    if outputs is None:
+        return sse_response(events)
+    choices = await generation.collect()
+    if choices is None:
         return Response(status_code=499)
-    if session is not None:
-        for out in outputs:
-            session.settle(out)
-    usage = request_usage(prompt_tokens, [Usage(0, c.completion_tokens, c.cached_tokens) for c in outputs])
-    return JSONResponse(chat_completion(env, outputs, usage, top, **extra))
+    return JSONResponse(
+        chat_completion(env, choices, choices_usage(generation.prompt_tokens, choices), top, **extra)
+    )
 
 
 async def chat_events(
@@ -139,13 +106,13 @@ async def chat_events(
     include_usage: bool,
     top: int | None,
     extra: dict[str, Any],
-    session: ChatTools | None = None,
+    tools: ChatTools | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
     for index in range(n):
         yield chat_chunk(
             env, index, {"role": "assistant", "content": ""}, include_usage=include_usage, **extra
         )
-    splitters = [session.stream() for _ in range(n)] if session is not None else None
+    splitters = [tools.stream() for _ in range(n)] if tools is not None else None
     usages: list[Usage] = []
     async for index, delta in deltas:
         logprobs = chat_logprobs(delta.logprobs, top) if top is not None and delta.logprobs else None
@@ -168,43 +135,26 @@ async def chat_events(
 
 
 @router.post("/completions", response_model=None, openapi_extra=json_body(CompletionRequest))
-async def completions(request: Request) -> Response:
-    state = request.app.state
+async def completions(request: Request, state: State) -> Response:
     req: CompletionRequest = CompletionRequest.parse(parse_json_object(await request.body()))
-    service: ChatService = state.chat
     info = state.engine.model_info
-    sampling = req.sampling(state.config.sampling, info)
-    gens: list[GenerationRequest] = []
-    echoes: list[str] = []
-    texts: list[str] = []  # the prompt of each choice, for the history
-    prompt_tokens = 0
-    prompts = service.prompts
-    encoded = await asyncio.to_thread(lambda: [prompts.encode_raw(text) for text in req.prompt])
-    for text, ids in zip(req.prompt, encoded, strict=True):
-        base = fit(ids, sampling, info.context_length, "prompt")
-        prompt_tokens += len(base.prompt_token_ids)
-        for choice_sampling in choice_samplings(base.sampling, req.n):
-            gens.append(GenerationRequest(base.prompt_token_ids, choice_sampling))
-            echoes.append(text if req.echo else "")
-            texts.append(text)
+    call = CompletionCall("openai.completions", req.prompt, req.sampling(state.config.sampling, info), req.n)
+    generation = await state.chat.complete(call, http_caller(request))
+    echoes = [text if req.echo else "" for text in req.prompt for _ in range(req.n)]
     logprobs = req.logprobs is not None
-    streams = [
-        state.rounds.watch(service.stream(g), "openai.completions", request, text, g, choice=i)
-        for i, (g, text) in enumerate(zip(gens, texts, strict=True))
-    ]
     env = Envelope.new("cmpl", "text_completion", info.name)
     if req.stream:
-        deltas = merge_choices(await start_streams(streams))
+        deltas, prompt_tokens = generation.deltas(), generation.prompt_tokens
         return sse_response(
             completion_events(env, deltas, echoes, prompt_tokens, req.include_usage(), logprobs)
         )
-    outputs = await unless_disconnected(collect_choices(streams), request)
-    if outputs is None:
+    choices = await generation.collect()
+    if choices is None:
         return Response(status_code=499)
-    usage = request_usage(prompt_tokens, [Usage(0, c.completion_tokens, c.cached_tokens) for c in outputs])
-    for out, echo in zip(outputs, echoes, strict=True):
+    usage = choices_usage(generation.prompt_tokens, choices)
+    for out, echo in zip(choices, echoes, strict=True):
         out.text = echo + out.text
-    return JSONResponse(completion(env, outputs, usage, logprobs, [len(e) for e in echoes]))
+    return JSONResponse(completion(env, choices, usage, logprobs, [len(e) for e in echoes]))
 
 
 async def completion_events(
@@ -233,9 +183,9 @@ async def completion_events(
 
 
 @router.post("/embeddings", openapi_extra=json_body(EmbeddingRequest))
-async def embeddings(request: Request) -> JSONResponse:
+async def embeddings(request: Request, state: State) -> JSONResponse:
     req: EmbeddingRequest = EmbeddingRequest.parse(parse_json_object(await request.body()))
-    shared = request.app.state.embedder
+    shared = state.embedder
 
     def embed() -> dict[str, Any]:
         embedder = shared.get()  # loads the model on first use
@@ -248,50 +198,5 @@ async def embeddings(request: Request) -> JSONResponse:
     return JSONResponse(await asyncio.to_thread(embed))
 
 
-# -- shared by the routes above --
-
-
-def fit(ids: list[int], sampling: SamplingParams, context_length: int, param: str) -> GenerationRequest:
-    """The request, its max_new_tokens capped at what the context leaves after the prompt."""
-    room = context_length - len(ids)
-    if room < 1:
-        raise InvalidRequest(
-            f"the prompt is {len(ids)} tokens; the model's context is {context_length}", param
-        )
-    return GenerationRequest(ids, replace(sampling, max_new_tokens=min(sampling.max_new_tokens, room)))
-
-
-async def start_streams(streams: Sequence[AsyncIterator[TokenDelta]]) -> list[AsyncIterator[TokenDelta]]:
-    """The first stream is started now, so a full queue is a 503 rather than a broken 200 stream."""
-    first = await first_then_rest(streams[0])
-    return [first, *streams[1:]]
-
-
-async def collect_choices(streams: Sequence[AsyncIterator[TokenDelta]]) -> list[ChoiceOutput]:
-    outputs = [ChoiceOutput(i) for i in range(len(streams))]
-    async for index, delta in merge_choices(streams):
-        out = outputs[index]
-        out.text += delta.text
-        out.logprobs.extend(delta.logprobs or [])
-        if delta.finish_reason is not None:
-            out.finish_reason = delta.finish_reason
-            out.completion_tokens = delta.usage.completion_tokens if delta.usage else 0
-            out.cached_tokens = delta.usage.cached_tokens if delta.usage else 0
-    return outputs
-
-
-async def unless_disconnected(work: Awaitable[T], request: Request, poll: float = 0.2) -> T | None:
-    """The result, or None when the client goes away first (the work is cancelled: generation aborts)."""
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=poll)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                log.info("client went away; generation aborted")
-                return None
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+def choices_usage(prompt_tokens: int, choices: list[ChoiceOutput]) -> Usage:
+    return request_usage(prompt_tokens, [Usage(0, c.completion_tokens, c.cached_tokens) for c in choices])

@@ -8,25 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from dataclasses import asdict
-from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketDisconnected
 
 from easllm.chat.dialogue import Dialogue
-from easllm.chat.service import ChatService, PreparedRound
-from easllm.config import LimitsConfig, ServerConfig
-from easllm.engine.base import EngineError, EngineOverloaded
+from easllm.config import LimitsConfig
 from easllm.engine.types import TokenDelta
-from easllm.errors import InvalidRequest, NotReady, TooLarge
+from easllm.errors import EngineError, InvalidRequest, TooLarge
 from easllm.protocol.eas import EasRequest, RoundReplies, parse_eas_body
 from easllm.server.auth import check_token
-from easllm.server.errors import error_body, error_response
+from easllm.server.errors import error_response
 from easllm.server.limits import body_limit
 from easllm.server.lockout import busy_message
+from easllm.server.state import ServiceState, State, websocket_caller
+from easllm.server.streaming import eas_chunks, error_json
+from easllm.serving.chat import Turn
+from easllm.serving.choices import Generation
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -58,19 +58,18 @@ class PendingBytes:
 
 
 @router.websocket("/")
-async def dialogue_socket(websocket: WebSocket) -> None:
-    config: ServerConfig = websocket.app.state.config
-    if config.token:
+async def dialogue_socket(websocket: WebSocket, state: State) -> None:
+    token = state.config.token
+    if token:
         # Browsers cannot set headers on a WebSocket: they pass ?token= instead.
         client = websocket.client.host if websocket.client else None
-        failures = websocket.app.state.failed_tokens
         presented = (websocket.headers.get("authorization"), websocket.query_params.get("token"))
-        verdict = await check_token(failures, client, config.token, *presented)
+        verdict = await check_token(state.failed_tokens, client, token, *presented)
         if verdict != 200:
             await _refuse(websocket, verdict)
             return
     await websocket.accept()
-    await Connection(websocket, websocket.app.state.chat, config).run()
+    await Connection(websocket, state).run()
 
 
 async def _refuse(websocket: WebSocket, status: int) -> None:
@@ -87,16 +86,17 @@ async def _refuse(websocket: WebSocket, status: int) -> None:
 class Connection:
     """One client: its dialogue, the settings its messages made sticky, and its message queue."""
 
-    def __init__(self, websocket: WebSocket, service: ChatService, config: ServerConfig) -> None:
+    def __init__(self, websocket: WebSocket, state: ServiceState) -> None:
+        config = state.config
         self.websocket = websocket
-        self.service = service
-        self.rounds = websocket.app.state.rounds
+        self.chat = state.chat
+        self.caller = websocket_caller(websocket)
         self.defaults = config.sampling
         self.dialogue = Dialogue(config.max_round)
         self.settings = EasRequest()
         self.max_pending = config.limits.ws_max_pending
         self.max_message = body_limit(config)
-        self.all_pending: PendingBytes = websocket.app.state.ws_pending
+        self.all_pending = state.ws_pending
         self.pending_bytes = 0  # queued unanswered: at most one message of the largest size
         # an oversized message waits its turn as its refusal, so answers stay in order
         self.inbox: asyncio.Queue[tuple[str | bytes | TooLarge, int]] = asyncio.Queue(self.max_pending)
@@ -164,13 +164,10 @@ class Connection:
             self.all_pending.give_back(size)
             try:
                 await self._answer(data)
-            except (InvalidRequest, NotReady, EngineError) as exc:
-                await self._send(_error(exc))
             except (WebSocketDisconnect, WebSocketDisconnected):
                 raise
-            except Exception:
-                log.exception("websocket message failed")
-                await self._send(error_body(500, "internal error while answering this message"))
+            except Exception as exc:
+                await self.websocket.send_text(error_json(exc))
             await self.websocket.send_text(EOS)
 
     async def _answer(self, data: str | bytes | TooLarge) -> None:
@@ -180,13 +177,10 @@ class Connection:
         self._apply(msg)
         if not msg.prompt:
             raise InvalidRequest("prompt is required; the other fields of this message were kept", "prompt")
-        prepared = await self.service.prepare_async(
-            self.dialogue.conversation(msg.prompt),
-            self.settings.sampling(self.defaults),
-            self.settings.no_template,
-            use_knowledge=msg.langchain,
-        )
-        await self._generate(msg, prepared)
+        conv = self.dialogue.conversation(msg.prompt)
+        sampling = self.settings.sampling(self.defaults)
+        turn = Turn("websocket", conv, sampling, self.settings.no_template, use_knowledge=msg.langchain)
+        await self._write(msg, await self.chat.converse(turn, self.caller))
 
     def _apply(self, msg: EasRequest) -> None:
         """Make the fields this message set stick; `history` replaces the dialogue's rounds."""
@@ -197,42 +191,27 @@ class Connection:
         if "history" in msg.model_fields_set:
             self.dialogue.replace_rounds(msg.history)
 
-    async def _generate(self, msg: EasRequest, prepared: PreparedRound) -> None:
+    async def _write(self, msg: EasRequest, generation: Generation) -> None:
         streaming = self.settings.use_stream_chat is not False  # true unless the client said false
-        delta_mode = self.settings.stream_format == "delta"
-        sources = [asdict(s) for s in prepared.sources] if msg.langchain else None
+        sources = [asdict(s) for s in generation.sources] if msg.langchain else None
         replies = RoundReplies(self.dialogue.rounds, msg.prompt)
-        text = ""
-        last: TokenDelta | None = None
-        gen, conv, ws = prepared.request, self.dialogue.conversation(msg.prompt), self.websocket
-        watched = self.rounds.watch(self.service.stream(gen), "websocket", ws, conv, gen, prepared.sources)
-        async with contextlib.aclosing(watched) as deltas:
-            async for delta in deltas:
-                if not delta.text and delta.finish_reason is None:
-                    continue
-                text += delta.text
-                if delta.finish_reason is not None:
-                    last = delta
+        delta_mode = self.settings.stream_format == "delta"
+        last: tuple[str, str, TokenDelta] | None = None
+        async with contextlib.aclosing(
+            eas_chunks(generation.streams[0], replies, delta_mode, sources)
+        ) as chunks:
+            async for chunk, text, delta in chunks:
                 if streaming:
-                    await self.websocket.send_text(
-                        replies.dumps(
-                            delta.text if delta_mode else text,
-                            text,
-                            delta.usage,
-                            delta.finish_reason,
-                            sources if last is not None else None,
-                        )
-                    )
-                if last is not None:
-                    break
-        if last is None:
+                    await self.websocket.send_text(chunk)
+                last = chunk, text, delta
+        if last is None or last[2].finish_reason is None:
             raise EngineError("the engine stream ended without a finish reason")
+        _, text, delta = last
         if not streaming:
-            await self.websocket.send_text(replies.dumps(text, text, last.usage, last.finish_reason, sources))
+            await self.websocket.send_text(
+                replies.dumps(text, text, delta.usage, delta.finish_reason, sources)
+            )
         self.dialogue.record(msg.prompt, text)
-
-    async def _send(self, body: dict[str, Any]) -> None:
-        await self.websocket.send_text(json.dumps(body, ensure_ascii=False))
 
 
 def _parse(data: str | bytes) -> EasRequest:
@@ -241,12 +220,3 @@ def _parse(data: str | bytes) -> EasRequest:
     looks_like_json = raw.lstrip()[:1] == b"{"
     parsed = parse_eas_body(raw, "application/json" if looks_like_json else None)
     return EasRequest(prompt=parsed) if isinstance(parsed, str) else parsed
-
-
-def _error(exc: InvalidRequest | NotReady | EngineError) -> dict[str, object]:
-    if isinstance(exc, InvalidRequest):
-        return error_body(exc.status, exc.message, exc.param)
-    if isinstance(exc, NotReady | EngineOverloaded):
-        return error_body(503, str(exc))
-    log.error("engine error: %s", exc)
-    return error_body(500, str(exc))

@@ -1,4 +1,4 @@
-"""Tool calling on /v1/chat/completions: the route's one object for prompt, grammar and replies.
+"""Tool calling on chat messages: one object for prompt, grammar and replies.
 
 `ChatTools` joins the request's `ToolSession` (easllm/tools) with the OpenAI reply shapes
 (protocol/openai_tools.py): it constrains the sampling, renders the prompt with the tools, turns a
@@ -81,24 +81,21 @@ def chat_tools(
 
 
 def tool_prompt(
-    prompts: PromptBuilder,
-    messages: Sequence[Message],
-    tools: ChatTools,
-    sampling: SamplingParams,
-    info: ModelInfo,
+    prompts: PromptBuilder, messages: Sequence[Message], tools: ChatTools, sampling: SamplingParams
 ) -> GenerationRequest:
     """The prompt with the tools shown; a tools section that leaves no room is a 400 naming `tools`."""
     ids = prompts.encode_messages(messages, tools=tools.session.template_tools())
-    room = info.context_length - len(ids)
-    if room < 1:
+    try:
+        built = prompts.fit(ids, sampling.max_new_tokens, "messages")
+    except InvalidRequest as exc:
+        context = prompts.context_length
         without = len(prompts.encode_messages(messages))
-        param = "tools" if without < info.context_length else "messages"
         raise InvalidRequest(
             f"the prompt with the tools is {len(ids)} tokens ({len(ids) - without} for the tools); "
-            f"the model's context is {info.context_length}",
-            param,
-        )
-    return GenerationRequest(ids, replace(sampling, max_new_tokens=min(sampling.max_new_tokens, room)))
+            f"the model's context is {context}",
+            "tools" if without < context else "messages",
+        ) from exc
+    return GenerationRequest(ids, replace(sampling, max_new_tokens=built.max_new_tokens))
 
 
 def tool_card(

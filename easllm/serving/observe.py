@@ -1,10 +1,8 @@
-"""The one hook every front end calls: `app.state.rounds.watch(deltas, ...)`.
+"""Observation, done once by the serving layer for every front end: `RoundObserver.watch(deltas, ...)`.
 
 It wraps an engine delta stream and, without changing what flows through it, measures time to
 first token, inter-token latency, end-to-end latency and usage (metrics), adds the tokens to the
-request's access-log line, and when the stream ends writes the round to the history export::
-
-    deltas = request.app.state.rounds.watch(service.stream(gen), "eas", request, conv, gen, sources)
+caller's access-log line, and when the stream ends writes the round to the history export.
 
 A stream that ends without a finish reason (client gone, cancelled) is recorded as `abort`,
 one that raises as `error`; a stream that failed before any text is not a round and is not
@@ -15,13 +13,12 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import asdict, dataclass, field, is_dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from starlette.requests import HTTPConnection
+from prometheus_client import Counter, Histogram
 
 from easllm.chat.template import Conversation
 from easllm.engine.base import Engine
@@ -29,26 +26,30 @@ from easllm.engine.types import EngineHealth, FinishReason, GenerationRequest, T
 from easllm.errors import NotReady
 from easllm.history.export import HistoryExporter
 from easllm.history.record import RoundRecord
-from easllm.server.metrics import ServiceMetrics
+from easllm.serving.caller import Caller
 
 log = logging.getLogger(__name__)
 
-SCOPE_KEY = "easllm.request"
+
+class ManyObservations(Protocol):
+    def observe_many(self, api: str, values: Sequence[float]) -> None: ...
 
 
-@dataclass
-class RequestInfo:
-    """Per HTTP request or WebSocket connection; kept in the ASGI scope by the access log."""
+class RoundMetrics(Protocol):
+    """The metric families a round updates (server/metrics.py's ServiceMetrics has them)."""
 
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    started: float = field(default_factory=time.perf_counter)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    rounds: int = 0
-
-
-def request_info(conn: HTTPConnection | None) -> RequestInfo | None:
-    return conn.scope.get(SCOPE_KEY) if conn is not None else None
+    @property
+    def rounds(self) -> Counter: ...
+    @property
+    def prompt_tokens(self) -> Counter: ...
+    @property
+    def generation_tokens(self) -> Counter: ...
+    @property
+    def time_to_first_token(self) -> Histogram: ...
+    @property
+    def round_latency(self) -> Histogram: ...
+    @property
+    def inter_token_latency(self) -> ManyObservations: ...
 
 
 class Progress:
@@ -66,7 +67,7 @@ class RoundObserver:
         self,
         service: str,
         engine: Engine,
-        metrics: ServiceMetrics,
+        metrics: RoundMetrics,
         history: HistoryExporter | None = None,
         progress: Progress | None = None,
     ) -> None:
@@ -80,26 +81,15 @@ class RoundObserver:
         self,
         deltas: AsyncIterator[TokenDelta],
         api: str,
-        conn: HTTPConnection | None,
+        caller: Caller,
         conversation: Conversation | str,
         request: GenerationRequest,
         sources: Sequence[Any] = (),
-        *,
         choice: int = 0,
-        session: str | None = None,
-        client: str | None = None,
     ) -> AsyncIterator[TokenDelta]:
-        """`deltas`, measured and recorded. `conn` (the Request or WebSocket) gives the request
-        id, the client address and the arrival time; `session`/`client` override them (WebUI)."""
-        info = request_info(conn)
-        if client is None and conn is not None and conn.client is not None:
-            client = conn.client.host
-        if session is None and conn is not None and conn.scope.get("type") == "websocket" and info:
-            session = info.request_id
+        """`deltas`, measured and recorded under `api` for `caller`."""
         conv = Conversation(conversation) if isinstance(conversation, str) else conversation
-        round_ = _Round(
-            self, api, info, conv, request, [_source(s) for s in sources], choice, session, client
-        )
+        round_ = _Round(self, api, caller, conv, request, [_source(s) for s in sources], choice)
         return round_.run(deltas)
 
     def model_name(self) -> str:
@@ -113,18 +103,16 @@ class RoundObserver:
 class _Round:
     observer: RoundObserver
     api: str
-    info: RequestInfo | None
+    caller: Caller
     conversation: Conversation
     request: GenerationRequest
     sources: list[Mapping[str, Any]]
     choice: int
-    session: str | None
-    client: str | None
     started: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
-        if self.info is not None and self.api != "websocket":
-            self.started = self.info.started  # HTTP: from the request's arrival
+        if self.caller.arrived is not None:
+            self.started = self.caller.arrived  # HTTP: from the request's arrival
 
     async def run(self, deltas: AsyncIterator[TokenDelta]) -> AsyncIterator[TokenDelta]:
         m = self.observer.metrics
@@ -170,10 +158,11 @@ class _Round:
         m.prompt_tokens.labels(self.api).inc(usage.prompt_tokens)
         m.generation_tokens.labels(self.api).inc(usage.completion_tokens)
         m.round_latency.labels(self.api).observe(end - self.started)
-        if self.info is not None:
-            self.info.prompt_tokens += usage.prompt_tokens
-            self.info.completion_tokens += usage.completion_tokens
-            self.info.rounds += 1
+        info = self.caller.info
+        if info is not None:
+            info.prompt_tokens += usage.prompt_tokens
+            info.completion_tokens += usage.completion_tokens
+            info.rounds += 1
         history = self.observer.history
         if history is None:
             return
@@ -183,9 +172,9 @@ class _Round:
                 service=self.observer.service,
                 api=self.api,
                 model=self.observer.model_name(),
-                request_id=self.info.request_id if self.info else self.request.request_id,
-                session=self.session,
-                client=self.client,
+                request_id=self.caller.request_id or self.request.request_id,
+                session=self.caller.session,
+                client=self.caller.client,
                 conversation=self.conversation,
                 response=text,
                 sampling=self.request.sampling,
