@@ -88,6 +88,7 @@ bench-multiturn: bench-deps
 lint: install-test
 	$(VENV)/bin/ruff check easllm tests bench
 	$(VENV)/bin/ruff format --check easllm tests bench
+	$(VENV)/bin/mypy  # easllm/, configured in pyproject.toml
 
 clean:
 	rm -rf $(VENV) .pytest_cache
