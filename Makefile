@@ -88,6 +88,8 @@ bench-multiturn: bench-deps
 lint: install-test
 	$(VENV)/bin/ruff check easllm tests bench
 	$(VENV)/bin/ruff format --check easllm tests bench
+	$(VENV)/bin/mypy  # easllm/, configured in pyproject.toml
+	$(VENV)/bin/lint-imports  # the layer contracts in pyproject.toml
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -21,7 +21,7 @@ from easllm.errors import InvalidRequest
 
 Message = dict[str, Any]  # role and content; tool messages and calls add their own keys
 MAX_CHARS_PER_TOKEN = 64  # no tokenizer packs more; longer texts cannot fit and are not tokenized
-Tokenize = Callable[[str, bool], list[int]]
+Tokenize = Callable[[str, bool], list[int]]  # Engine.tokenize(text, add_special)
 
 
 @dataclass(frozen=True)

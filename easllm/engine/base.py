@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Protocol, runtime_checkable
 
 from easllm.engine.types import EngineHealth, GenerationRequest, ModelInfo, TokenDelta
@@ -16,12 +16,13 @@ class Engine(Protocol):
     @property
     def model_info(self) -> ModelInfo: ...
 
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of `text`, special tokens parsed, no BOS added."""
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        """Token ids of `text`, special tokens in it parsed; `add_special` adds what the model's
+        tokenizer puts in front of a text (BOS, where the model has one)."""
         ...
 
-    def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
-        """Stream the answer; closing the iterator early aborts the request."""
+    def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
+        """Stream the answer; closing the generator early (`aclose`) aborts the request."""
         ...
 
     async def abort(self, request_id: str) -> None: ...

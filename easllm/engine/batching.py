@@ -13,7 +13,7 @@ import contextlib
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from easllm.config import EngineConfig
 from easllm.engine.base import EngineError, EngineOverloaded
@@ -90,7 +90,7 @@ class BatchingEngine(ABC):
         if self.runner is not None:
             self.runner.close()
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
         if self._thread is None or self._closing:
             raise NotReady("the model is still loading")
         seq = self.sequence(req)

@@ -2,19 +2,39 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Protocol
+
 from easllm.config import EngineConfig
 from easllm.engine.base import Engine
 from easllm.errors import ModelNotFound
-from easllm.models.resolve import ResolvedModel
 
 ENGINES = ("transformers", "llamacpp", "vllm", "fake")
+
+
+class ModelFiles(Protocol):
+    """A model on disk, as `models.resolve.ResolvedModel` describes it (engine/ sits below models/)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def format(self) -> str:
+        """gguf | hf"""
+        ...
+
+    @property
+    def default_engine(self) -> str: ...
 
 
 class EngineUnavailable(RuntimeError):
     """The chosen engine cannot run here (not installed, wrong model format)."""
 
 
-def build_engine(config: EngineConfig, model: ResolvedModel | None) -> Engine:
+def build_engine(config: EngineConfig, model: ModelFiles | None) -> Engine:
     name = config.engine or (model.default_engine if model else "fake")
     if name == "fake":
         from easllm.engine.backends.fake import FakeEngine

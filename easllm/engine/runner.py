@@ -21,7 +21,9 @@ class KVCacheFull(EngineError):
 class ModelRunner(Protocol):
     """A forward pass plus the KV cache operations the prefix cache uses (`prefix_cache.KVOps`)."""
 
-    vocab: Vocab
+    @property
+    def vocab(self) -> Vocab: ...  # read-only, so that a runner may hold its own kind of Vocab
+
     kv_cells: int  # KV cache size in tokens, shared by all sequences
     max_seqs: int  # sequences running at once
     num_seq_ids: int  # KV sequence ids 0 .. num_seq_ids - 1: running ones and cached prefixes

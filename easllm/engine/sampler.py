@@ -142,7 +142,8 @@ class Sampler:
 
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max())
-    return e / e.sum()
+    probs: np.ndarray = e / e.sum()
+    return probs
 
 
 def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:

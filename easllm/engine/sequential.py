@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Generator
 from dataclasses import dataclass
 
 from easllm.engine.base import EngineError, EngineOverloaded
@@ -61,7 +61,7 @@ class SequentialEngine(ABC):
     def _load(self) -> ModelInfo: ...
 
     @abstractmethod
-    def _generate_tokens(self, req: GenerationRequest) -> Iterator[tuple[int, str]]:
+    def _generate_tokens(self, req: GenerationRequest) -> Generator[tuple[int, str], None, None]:
         """Yield (token id, its text) until end of sequence; the caller stops it early."""
 
     @abstractmethod
@@ -87,7 +87,7 @@ class SequentialEngine(ABC):
             await asyncio.to_thread(self._thread.join, 10)
             self._thread = None
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
         if self._thread is None:
             raise NotReady("the model is still loading")
         job = _Job(req, asyncio.get_running_loop(), asyncio.Queue())
@@ -182,7 +182,7 @@ class SequentialEngine(ABC):
                     reason = FinishReason.LENGTH
                     break
         finally:
-            tokens.close()  # type: ignore[attr-defined]
+            tokens.close()
         self._finished += 1
         usage = Usage(len(req.prompt_token_ids), count)
         job.emit(TokenDelta(req.request_id, stops.flush(), [], reason, usage))

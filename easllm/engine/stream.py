@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from easllm.engine.types import TokenDelta
@@ -21,7 +21,7 @@ class Stream:
         """From any thread; dropped when the caller's event loop is already closed."""
         put_all([(self, item)])
 
-    async def deltas(self, abort: Callable[[], Awaitable[None]]) -> AsyncIterator[TokenDelta]:
+    async def deltas(self, abort: Callable[[], Awaitable[None]]) -> AsyncGenerator[TokenDelta, None]:
         """The deltas until the one with `finish_reason`; an error item is raised. A caller that
         stops reading before the last delta (closes this iterator) calls `abort`."""
         finished = False

@@ -139,19 +139,20 @@ def _reporting_tqdm(on_bytes: Callable[[int], None] | None, quiet: bool) -> type
     """huggingface_hub's own progress bar, also telling `on_bytes` each chunk written."""
     if on_bytes is None and not quiet:
         return None
-    from huggingface_hub.utils import tqdm as hub_tqdm
+    from huggingface_hub.utils.tqdm import tqdm as hub_tqdm
 
     report = on_bytes or (lambda n: None)
 
-    class ReportingTqdm(hub_tqdm):  # type: ignore[misc, valid-type]
+    class ReportingTqdm(hub_tqdm):
         def __init__(self, *args: object, **kwargs: object) -> None:
             if quiet:
                 kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
+            hub_tqdm.__init__(self, *args, **kwargs)  # named, not super(): mypy then knows it is the hub's
 
         def update(self, n: float | None = 1) -> bool | None:
             report(int(n or 0))
-            return super().update(n)
+            shown: bool | None = super().update(n)
+            return shown
 
     return ReportingTqdm
 
@@ -209,5 +210,5 @@ def _is_connection_error(exc: BaseException | None) -> bool:
     while exc is not None:
         if isinstance(exc, tuple(kinds)):
             return True
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        exc = exc.__cause__ or exc.__context__
     return False

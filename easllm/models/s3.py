@@ -13,11 +13,16 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from easllm.errors import ChecksumMismatch, ModelNotFound, PullFailed
 from easllm.models.lock import model_lock
 from easllm.models.plan import RemoteFile, RemotePlan, check_disk, file_digest
+
+if TYPE_CHECKING:  # boto3-stubs[s3], in the `test` extra
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import GetObjectRequestTypeDef
 
 log = logging.getLogger(__name__)
 MAX_OBJECTS = 10_000
@@ -43,7 +48,7 @@ def cached_s3(url: str, home: Path) -> Path | None:
     return target if (target / DONE).is_file() else None
 
 
-def _client():  # type: ignore[no-untyped-def]
+def _client() -> S3Client:
     try:
         import boto3
     except ImportError as exc:
@@ -115,8 +120,8 @@ def _have(path: Path) -> int:
 
 
 def _download(
-    client, bucket: str, key: str, f: RemoteFile, dest: Path, report: Callable[[int], None]
-) -> None:  # type: ignore[no-untyped-def]
+    client: S3Client, bucket: str, key: str, f: RemoteFile, dest: Path, report: Callable[[int], None]
+) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".partial")
     tag = _etag_file(dest)
@@ -128,7 +133,7 @@ def _download(
         partial.unlink()
         have = 0
     if have < (f.size or 0):
-        args = {"Bucket": bucket, "Key": key, "IfMatch": f'"{f.etag}"'}
+        args: GetObjectRequestTypeDef = {"Bucket": bucket, "Key": key, "IfMatch": f'"{f.etag}"'}
         if have:
             args["Range"] = f"bytes={have}-"
         try:

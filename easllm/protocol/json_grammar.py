@@ -24,8 +24,9 @@ def json_schema_grammar(schema: dict[str, Any], param: str = "response_format") 
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
-        return json_schema_to_gbnf(json.dumps(schema))
+        grammar: str = json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:  # the converter raises bare Exception/KeyError/ValueError on odd schemas
         raise InvalidRequest(
-            f"the JSON schema cannot be turned into a grammar: {exc or type(exc).__name__}", param
+            f"the JSON schema cannot be turned into a grammar: {str(exc) or type(exc).__name__}", param
         ) from exc
+    return grammar

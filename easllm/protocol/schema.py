@@ -27,7 +27,8 @@ def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
             return [resolve(item) for item in node]
         return node
 
-    return resolve(schema)
+    inlined: dict[str, Any] = resolve(schema)
+    return inlined
 
 
 def json_body(model: type[BaseModel], *, plain_text: str | None = None) -> dict[str, Any]:

@@ -4,6 +4,8 @@ With `--url` the commands call the service's /v1/knowledge API (token from --tok
 $EASLLM_TOKEN); without it they open the data directory directly (`--data-dir`, default
 $EASLLM_HOME/services/<--service-name>) or the database (`--kb-database-url`), embedding in this
 process; a running service of that name sees the change at its next question, as its replicas do.
+Both print the same lines: the data dir's from the knowledge base's own types (this module sits
+below `protocol/`), the service's from its JSON.
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from easllm.config import KnowledgeConfig, ServerConfig
 from easllm.rag.embedder import DEFAULT_EMBEDDING_MODEL
+
+if TYPE_CHECKING:
+    from easllm.rag.store import StoredFile
 
 EXIT_REFUSED = 2
 
@@ -95,28 +101,36 @@ class _Refused(Exception):
     pass
 
 
+def _print_file(name: str, kind: str, size: int, chunks: int, pages: int | None, added_at: str) -> None:
+    in_pages = f" {pages} pages" if pages else ""
+    print(f"{name}\t{kind}\t{size} bytes\t{chunks} chunks{in_pages}\t{added_at}")
+
+
+def _print_hit(rank: int, score: float, source: str, page: int | None, content: str) -> None:
+    where = source + (f", page {page}" if page else "")
+    print(f"[{rank}] {score:.3f} {where}\n{content}\n")
+
+
+def _print_stored(f: StoredFile) -> None:
+    added_at = datetime.fromtimestamp(f.added_at, UTC).isoformat(timespec="seconds")
+    _print_file(f.name, f.kind, f.size, f.chunks, f.pages, added_at)
+
+
 def _print_files(files: list[dict[str, Any]]) -> None:
+    """The API's `files` items (protocol/knowledge.py's `file_dict`)."""
     for f in files:
-        pages = f" {f['pages']} pages" if f.get("pages") else ""
-        print(f"{f['name']}\t{f['type']}\t{f['size']} bytes\t{f['chunks']} chunks{pages}\t{f['added_at']}")
+        _print_file(f["name"], f["type"], f["size"], f["chunks"], f.get("pages"), f["added_at"])
 
 
-def _print_hits(hits: list[dict[str, Any]]) -> None:
-    for i, h in enumerate(hits, 1):
-        where = h["source"] + (f", page {h['page']}" if h.get("page") else "")
-        print(f"[{i}] {h['score']:.3f} {where}\n{h['content']}\n")
-
-
-class _Target:
+class _Target(Protocol):
     def add(self, paths: list[Path]) -> int: ...
     def list(self) -> int: ...
     def remove(self, name: str) -> int: ...
     def query(self, text: str, top_k: int) -> int: ...
 
 
-class _Local(_Target):
+class _Local:
     def __init__(self, args: argparse.Namespace) -> None:
-        from easllm.protocol.knowledge import file_dict, hit_dict
         from easllm.rag.embedder import SharedEmbedder
         from easllm.rag.knowledge import KnowledgeBase
 
@@ -127,8 +141,6 @@ class _Local(_Target):
             KnowledgeConfig(database_url=args.kb_database_url),
             name=args.service_name,
         )
-        self._file_dict = file_dict
-        self._hit_dict = hit_dict
 
     def add(self, paths: list[Path]) -> int:
         from easllm.errors import InvalidRequest
@@ -145,11 +157,12 @@ class _Local(_Target):
                 print(f"easllm kb: {getattr(exc, 'message', exc)}", file=sys.stderr)
                 failed += 1
                 continue
-            _print_files([self._file_dict(stored)])
+            _print_stored(stored)
         return EXIT_REFUSED if failed else 0
 
     def list(self) -> int:
-        _print_files([self._file_dict(f) for f in self.kb.files()])
+        for f in self.kb.files():
+            _print_stored(f)
         return 0
 
     def remove(self, name: str) -> int:
@@ -166,13 +179,15 @@ class _Local(_Target):
         from easllm.errors import InvalidRequest
 
         try:
-            _print_hits([self._hit_dict(h) for h in self.kb.search(text, top_k)])
+            hits = self.kb.search(text, top_k)
         except InvalidRequest as exc:
             raise _Refused(exc.message) from exc
+        for rank, h in enumerate(hits, 1):
+            _print_hit(rank, h.score, h.chunk.source, h.chunk.page, h.chunk.content)
         return 0
 
 
-class _Http(_Target):
+class _Http:
     def __init__(self, url: str, token: str | None) -> None:
         self.base = url.rstrip("/") + "/v1/knowledge"
         self.token = token
@@ -219,5 +234,7 @@ class _Http(_Target):
 
     def query(self, text: str, top_k: int) -> int:
         body = json.dumps({"query": text, "top_k": top_k}).encode()
-        _print_hits(self._call("POST", "/query", body, "application/json")["results"])
+        hits = self._call("POST", "/query", body, "application/json")["results"]
+        for rank, h in enumerate(hits, 1):
+            _print_hit(rank, h["score"], h["source"], h.get("page"), h["content"])
         return 0

@@ -17,8 +17,13 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
 
 from easllm.errors import InvalidRequest, TooLarge, UnsupportedMedia
+
+if TYPE_CHECKING:  # imported when a file of their kind comes
+    from docx.table import Table
+    from pypdf import PdfReader
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +174,9 @@ class _Deadline:
             )
 
 
-def _table_text(table: object, deadline: _Deadline) -> str:
+def _table_text(table: Table, deadline: _Deadline) -> str:
     lines = []
-    for row in table.rows:  # type: ignore[attr-defined]
+    for row in table.rows:
         deadline.check()
         cells: list[str] = []
         for cell in row.cells:
@@ -245,8 +250,8 @@ def _load_pdf(name: str, data: bytes) -> Document:
     return Document(name, "pdf", sections, pages=len(sections))
 
 
-def _pdf_pages(name: str, reader: object) -> list[Section]:
-    pages = reader.pages  # type: ignore[attr-defined]
+def _pdf_pages(name: str, reader: PdfReader) -> list[Section]:
+    pages = reader.pages
     if len(pages) > MAX_PDF_PAGES:
         raise TooLarge(f"{name} has {len(pages)} pages; the limit is {MAX_PDF_PAGES}", PARAM)
     deadline = _Deadline(name, PDF_SECONDS, "reading its text")
@@ -262,10 +267,10 @@ def _pdf_pages(name: str, reader: object) -> list[Section]:
     return sections
 
 
-def _decrypts(reader: object) -> bool:
+def _decrypts(reader: PdfReader) -> bool:
     """Many PDFs are encrypted with an empty user password: those can be read."""
     try:
-        return bool(reader.decrypt(""))  # type: ignore[attr-defined]
+        return bool(reader.decrypt(""))
     except Exception:  # an AES file without a crypto library, or a broken dictionary
         return False
 

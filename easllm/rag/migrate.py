@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from easllm.rag.sql_store import FileImport, SqlStore
 from easllm.rag.store import read_generation
 
@@ -31,7 +33,8 @@ def migrate_faiss_folder(store: SqlStore, root: Path) -> int:
         state = read_generation(index_dir, faiss)
     except FileNotFoundError:  # another replica migrated it and renamed the folder meanwhile
         return 0
-    vectors = state.index.reconstruct_n(0, state.index.ntotal) if state.index is not None else None
+    empty = np.zeros((0, 0), dtype=np.float32)  # an index-less knowledge base has no chunks
+    vectors = state.index.reconstruct_n(0, state.index.ntotal) if state.index is not None else empty
     items = []
     for f in state.files.values():
         rows = [i for i, c in enumerate(state.chunks) if c.source == f.name]
@@ -39,8 +42,7 @@ def migrate_faiss_folder(store: SqlStore, root: Path) -> int:
         data = original.read_bytes() if original.is_file() else None
         if data is None:
             log.warning("knowledge base migration: the original of %s is missing; its chunks move", f.name)
-        file_vectors = vectors[rows] if vectors is not None else None
-        items.append(FileImport(f, [state.chunks[i] for i in rows], file_vectors, data))
+        items.append(FileImport(f, [state.chunks[i] for i in rows], vectors[rows], data))
     if not store.import_files(items, state.embedder, str(index_dir)):
         log.warning(
             "knowledge base: %s was not migrated: the database already holds the knowledge base %s",

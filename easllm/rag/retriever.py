@@ -52,17 +52,24 @@ def retrieve(
     if mode == "vector":
         return [hit for hit in by_vector if hit.score >= min_score][:top_k]
     by_keyword = store.keyword_search(query, pool)
-    chunks = {hit.id: hit.chunk for hit in [*by_keyword, *by_vector]}
-    cosine = {hit.id: hit.score for hit in by_vector}
-    missing = [hit.id for hit in by_keyword if hit.id not in cosine]
+    chunks = {_store_id(hit): hit.chunk for hit in [*by_keyword, *by_vector]}
+    cosine = {_store_id(hit): hit.score for hit in by_vector}
+    missing = [i for i in map(_store_id, by_keyword) if i not in cosine]
     if missing:
         cosine.update(zip(missing, store.similarities(vector, missing), strict=True))
-    rankings = [[h.id for h in ranking] for ranking in (by_vector, by_keyword) if ranking]
+    rankings = [[_store_id(h) for h in ranking] for ranking in (by_vector, by_keyword) if ranking]
     head = reciprocal_rank_fusion([r[:candidates] for r in rankings])
     seen = {i for i, _ in head}
     floor = head[-1][1] if head else 1.0
     tail = [(i, min(s, floor)) for i, s in reciprocal_rank_fusion(rankings) if i not in seen]  # large top_k
     return [Hit(chunks[i], score, i) for i, score in [*head, *tail] if cosine[i] >= min_score][:top_k]
+
+
+def _store_id(hit: Hit) -> int:
+    """A store's hits carry their chunk id (only merged or hand-made hits may lack one)."""
+    if hit.id is None:
+        raise ValueError(f"the store returned a hit of {hit.chunk.source} without its chunk id")
+    return hit.id
 
 
 def merge_adjacent(hits: Sequence[Hit], overlap: int) -> list[Hit]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, delete, func, insert, select, text, update
+from sqlalchemy import Connection, Row, delete, func, insert, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
@@ -133,7 +133,8 @@ class SqlStore:
         if not len(cache.ids):
             return [-1.0] * len(ids)
         scores = cache.vectors[rows] @ np.asarray(vector, dtype=np.float32)
-        return np.where(present, scores, -1.0).tolist()
+        similarities: list[float] = np.where(present, scores, -1.0).tolist()
+        return similarities
 
     def original(self, name: str) -> bytes | None:
         """The uploaded bytes of an indexed file."""
@@ -310,12 +311,14 @@ class SqlStore:
             with self.engine.begin() as conn:
                 found = conn.execute(query).scalar_one_or_none()
                 if found is not None:
-                    return found
+                    return int(found)
             try:
                 with self.engine.begin() as conn:
-                    return conn.execute(
-                        insert(bases).values(name=self.name, generation=0).returning(bases.c.id)
-                    ).scalar_one()
+                    return int(
+                        conn.execute(
+                            insert(bases).values(name=self.name, generation=0).returning(bases.c.id)
+                        ).scalar_one()
+                    )
             except IntegrityError:
                 continue
         raise RuntimeError(f"knowledge base {self.name}: no row in kb_bases")
@@ -337,7 +340,7 @@ class SqlStore:
             )
             old_rows, kept = _rows_of(cache.ids, ids)
             missing = ids[~kept].tolist()
-            fetched = []
+            fetched: list[Row[Any]] = []
             for start in range(0, len(missing), FETCH_BATCH):
                 batch = missing[start : start + FETCH_BATCH]
                 fetched += conn.execute(
@@ -349,10 +352,10 @@ class SqlStore:
             vectors[kept] = cache.vectors[old_rows[kept]]
         old = cache.chunks
         pairs = zip(old_rows.tolist(), kept.tolist(), strict=True)
-        chunk_list: list[Chunk] = [old[i] if k else None for i, k in pairs]  # type: ignore[misc]
         for row, r in zip(np.flatnonzero(~kept), fetched, strict=True):
             vectors[row] = np.frombuffer(r.vector, dtype=np.float32)
-            chunk_list[row] = Chunk(names[r.file_id], r.content, r.page, r.heading)
+        new = iter([Chunk(names[r.file_id], r.content, r.page, r.heading) for r in fetched])
+        chunk_list = [old[i] if k else next(new) for i, k in pairs]  # fetched in the order of the rows
         index = None
         if len(ids):
             index = self._faiss.IndexFlatIP(vectors.shape[1])

@@ -246,7 +246,8 @@ class FaissStore:
     def _vectors(self, state: _State, rows: list[int]) -> np.ndarray:
         if state.index is None or not rows:
             return np.zeros((0, state.index.d if state.index is not None else 0), dtype=np.float32)
-        return state.index.reconstruct_n(0, state.index.ntotal)[rows]
+        vectors: np.ndarray = state.index.reconstruct_n(0, state.index.ntotal)[rows]
+        return vectors
 
     def _commit(
         self, files: dict[str, StoredFile], chunks: list[Chunk], vectors: np.ndarray, embedder: str | None

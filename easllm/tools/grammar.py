@@ -42,6 +42,6 @@ def tool_call_grammar(fmt: ToolFormat, tools: Sequence[Tool], parallel: bool) ->
         rule = converter.visit(schema, CALL_RULE)
     except Exception as exc:  # the converter raises bare Exception/KeyError/ValueError on odd schemas
         raise InvalidRequest(
-            f"a tool's parameters cannot be turned into a grammar: {exc or type(exc).__name__}", "tools"
+            f"a tool's parameters cannot be turned into a grammar: {str(exc) or type(exc).__name__}", "tools"
         ) from exc
     return f"root ::= {fmt.root_rule(rule, parallel)}\n{converter.format_grammar()}"

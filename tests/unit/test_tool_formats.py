@@ -119,6 +119,24 @@ def test_deeply_nested_parameters_are_refused() -> None:
         check_parameters(schema, "tools[0]")
 
 
+def test_a_converter_failure_without_a_message_is_named_by_its_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llama_cpp import llama_grammar
+
+    from easllm.protocol.json_grammar import json_schema_grammar
+
+    def fail(*_: object, **__: object) -> None:
+        raise KeyError()
+
+    monkeypatch.setattr(llama_grammar.SchemaConverter, "visit", fail)
+    monkeypatch.setattr(llama_grammar, "json_schema_to_gbnf", fail)
+    with pytest.raises(InvalidRequest, match=r"grammar: KeyError$") as err:
+        tool_call_grammar(HermesFormat(), [WEATHER], parallel=False)
+    assert err.value.param == "tools"
+    with pytest.raises(InvalidRequest, match=r"grammar: KeyError$") as err:
+        json_schema_grammar({"type": "object"})
+    assert err.value.param == "response_format"
+
+
 def session(choice: ToolChoice | None = None, features=frozenset({"grammar"})):
     request = ToolRequest((WEATHER, TIME), choice or ToolChoice())
     result = tool_session(request, ChatTemplate(HERMES_TEMPLATE), features, "fake")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 
 from easllm.engine.sequential import SequentialEngine
 from easllm.engine.types import GenerationRequest, ModelInfo
@@ -70,7 +70,7 @@ class FakeEngine(SequentialEngine):
     def detokenize(self, ids: list[int]) -> str:
         return "".join(chr(i) for i in ids if i != BOS_ID)
 
-    def _generate_tokens(self, req: GenerationRequest) -> Iterator[tuple[int, str]]:
+    def _generate_tokens(self, req: GenerationRequest) -> Generator[tuple[int, str], None, None]:
         self.requests.append(req)
         if self.keep_requests is not None and len(self.requests) > 2 * self.keep_requests:
             del self.requests[: -self.keep_requests]
@@ -87,7 +87,7 @@ class FakeEngine(SequentialEngine):
             yield from self._emit(words)
             words = [f" {w}" for w in filler]
 
-    def _emit(self, pieces: list[str]) -> Iterator[tuple[int, str]]:
+    def _emit(self, pieces: list[str]) -> Generator[tuple[int, str], None, None]:
         for piece in pieces:
             if self.token_delay:
                 time.sleep(self.token_delay)

@@ -6,12 +6,17 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from easllm.config import EngineConfig
 from easllm.engine.batching import BatchingEngine
 from easllm.engine.types import FEATURES, GRAMMAR_TRIGGERS, ModelInfo
 from easllm.errors import NotReady
+
+if TYPE_CHECKING:
+    from llama_cpp._internals import LlamaModel
+
+    from easllm.engine.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +50,10 @@ class LlamaCppEngine(BatchingEngine):
         super().__init__(display_name, config)
         set_omp_wait_policy(config.omp_wait_policy)
         self.gguf_path = gguf_path
-        self._model: Any = None
+        self._model: LlamaModel | None = None
         self._add_bos = False
 
-    def _load(self) -> tuple[ModelInfo, Any]:
+    def _load(self) -> tuple[ModelInfo, ModelRunner]:
         from easllm.engine.backends.llamacpp_runner import LlamaCppRunner
 
         runner = LlamaCppRunner(self.gguf_path, self.config, self.config.threads or default_threads())
@@ -69,10 +74,12 @@ class LlamaCppEngine(BatchingEngine):
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         if self._model is None:
             raise NotReady("the model is still loading")
-        return self._model.tokenize(text.encode(), add_bos=add_special and self._add_bos, special=True)
+        add_bos = add_special and self._add_bos
+        ids: list[int] = self._model.tokenize(text.encode(), add_bos=add_bos, special=True)
+        return ids
 
 
-def _token_text(model: Any, token: int) -> str:
+def _token_text(model: LlamaModel, token: int) -> str:
     try:
         return model.token_get_text(token) if token >= 0 else ""
     except (UnicodeDecodeError, ValueError):

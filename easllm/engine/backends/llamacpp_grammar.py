@@ -20,7 +20,8 @@ class LlamaGrammar:
         self._llama = llama_cpp
         self._n_vocab = n_vocab
         self._sampler = self._lazy(vocab, gbnf, triggers) if triggers else self._strict(vocab, gbnf)
-        self._one = (llama_cpp.llama_token_data * 1)()
+        # Any: llama_cpp annotates the fields as their ctypes (c_int32), which read and take Python numbers
+        self._one: Any = (llama_cpp.llama_token_data * 1)()
         self._one_array = llama_cpp.llama_token_data_array()
 
     def _strict(self, vocab: Any, gbnf: str) -> Any:

@@ -128,6 +128,7 @@ class LlamaCppRunner:
             k = len(chunk.token_ids)
             b.token[n : n + k] = chunk.token_ids
             b.pos[n : n + k] = np.arange(chunk.start, chunk.start + k, dtype=np.int32)
+            assert chunk.seq.slot is not None  # the scheduler batches running sequences only
             b.seq_id[n : n + k] = chunk.seq.slot
             b.logits[n : n + k] = 0
             if chunk.samples:
@@ -157,7 +158,7 @@ class LlamaCppRunner:
         position n needs the last window before it (llama-server's check)."""
         if self._n_swa <= 0:
             return True
-        return self._llama.llama_memory_seq_pos_min(self._memory, seq_id) <= max(0, n - self._n_swa)
+        return int(self._llama.llama_memory_seq_pos_min(self._memory, seq_id)) <= max(0, n - self._n_swa)
 
     def _has_swa(self) -> bool:
         return hasattr(self._llama, "llama_model_n_swa")

@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Queue
@@ -73,7 +73,9 @@ def load_model(model_dir: Path, config: EngineConfig, display_name: str) -> Load
     dtype = choose_dtype(config.precision, device)
     log.info("loading %s with transformers on %s (%s)", model_dir, device, dtype)
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True).to(device)
+    # Any: transformers types its decorated `to` as a plain function, not as a bound method
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+    model = model.to(device)
     model.eval()
     max_ctx = getattr(model.config, "max_position_embeddings", None) or config.ctx_size
     info = ModelInfo(
@@ -112,7 +114,7 @@ class TransformersEngine(SequentialEngine):
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         return list(self._tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
-    def _generate_tokens(self, req: GenerationRequest) -> Iterator[tuple[int, str]]:
+    def _generate_tokens(self, req: GenerationRequest) -> Generator[tuple[int, str], None, None]:
         """`generate` runs on a helper thread and hands tokens over a queue; closing this
         iterator sets the stop flag, which the stopping criterion reads at the next token."""
         stop = threading.Event()

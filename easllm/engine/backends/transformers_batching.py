@@ -18,7 +18,7 @@ import contextlib
 import logging
 import math
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,7 +154,7 @@ class TransformersBatchingEngine:
         if self.sequential is not None:
             await self.sequential.close()
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
         if self._manager is None or self.sequential is None or self._closing:
             raise NotReady("the model is still loading")
         refuse_unsupported(req.sampling)

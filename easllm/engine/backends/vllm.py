@@ -14,7 +14,7 @@ import importlib.util
 import inspect
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -76,8 +76,8 @@ def model_max_length(model_dir: Path) -> int | None:
     except (OSError, ValueError):
         return None
     for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        if isinstance(config.get(key), int):
-            return config[key]
+        if isinstance(value := config.get(key), int):
+            return value
     return None
 
 
@@ -215,7 +215,7 @@ class VllmEngine:
             raise NotReady("the model is still loading")
         return list(self._tokenizer.encode(text, add_special_tokens=add_special))
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
         if self._llm is None or self._vllm is None:
             raise NotReady("the model is still loading")
         if self._in_flight >= self._max_in_flight:
