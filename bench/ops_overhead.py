@@ -33,6 +33,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from easllm.app import create_app
 from easllm.chat.template import Conversation
 from easllm.config import EngineConfig, SamplingDefaults, ServerConfig, easllm_home
 from easllm.engine.base import Engine
@@ -41,7 +42,6 @@ from easllm.engine.types import FinishReason, GenerationRequest, TokenDelta, Usa
 from easllm.history.export import HistoryExporter
 from easllm.models.resolve import resolve_model
 from easllm.server.access_log import AccessLog
-from easllm.server.app import create_app
 from easllm.server.metrics import ServiceMetrics
 from easllm.server.state import state_of
 from easllm.serving.caller import Caller

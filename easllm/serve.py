@@ -21,7 +21,7 @@ def _progress(message: str) -> None:
 def serve(server: ServerConfig, engine_config: EngineConfig) -> int:
     import uvicorn
 
-    from easllm.server.app import create_app
+    from easllm.app import create_app
     from easllm.server.limits import body_limit
 
     configure_logging(server.log_level, server.log_format)

@@ -8,9 +8,9 @@ from contextlib import contextmanager
 
 from fastapi.testclient import TestClient
 
+from easllm.app import create_app
 from easllm.config import ServerConfig
 from easllm.engine.base import Engine
-from easllm.server.app import create_app
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""`create_app(config, engine)`: the FastAPI app of one service, and its lifespan."""
+"""`create_api_app(config, engine)`: one service's HTTP and WebSocket APIs (no WebUI), and its lifespan."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from easllm.server.errors import install_error_handlers
 from easllm.server.limits import RequestLimits
 from easllm.server.lockout import FailedTokens
 from easllm.server.metrics import ServiceMetrics
+from easllm.server.pending import PendingBytes
 from easllm.server.routes import eas, health, knowledge, metrics, openai, websocket
 from easllm.server.state import ServiceState, attach_state
 from easllm.serving.chat import ChatServing
@@ -32,7 +33,7 @@ from easllm.serving.observe import EngineWatch, Progress, RoundObserver
 log = logging.getLogger(__name__)
 
 
-def create_app(config: ServerConfig, engine: Engine) -> FastAPI:
+def create_api_app(config: ServerConfig, engine: Engine) -> FastAPI:
     """The model loads in the background after the socket is open; /health says when it is up."""
 
     @asynccontextmanager
@@ -83,10 +84,6 @@ def create_app(config: ServerConfig, engine: Engine) -> FastAPI:
         app.include_router(knowledge.router)
         app.include_router(openai.router)
         app.include_router(websocket.router)
-    if not config.api_only:
-        from easllm.webui import mount_webui  # imports Gradio: only when the WebUI is served
-
-        mount_webui(app, state)
     return app
 
 
@@ -110,7 +107,7 @@ def _service_state(config: ServerConfig, engine: Engine) -> ServiceState:
         metrics=service_metrics,
         observer=observer,
         engine_watch=EngineWatch(progress),
-        ws_pending=websocket.PendingBytes(),
+        ws_pending=PendingBytes(),
         failed_tokens=FailedTokens(),
     )
 

@@ -9,7 +9,7 @@ streams under it, and so aborts their generation (a client disconnect does this 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
@@ -24,7 +24,7 @@ def event(data: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
 
 
-async def sse_bytes(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+async def sse_bytes(events: AsyncGenerator[dict[str, Any], None]) -> AsyncGenerator[bytes, None]:
     async with aclosing(events):
         try:
             async for data in events:
@@ -35,6 +35,6 @@ async def sse_bytes(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[byte
     yield DONE
 
 
-def sse_response(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+def sse_response(events: AsyncGenerator[dict[str, Any], None]) -> StreamingResponse:
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(sse_bytes(events), media_type="text/event-stream", headers=headers)

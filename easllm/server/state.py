@@ -1,10 +1,10 @@
-"""The typed state of one service's app, built once in `create_app`; routes get it with
+"""The typed state of one service's app, built once in `create_api_app`; routes get it with
 `Depends(service_state)`. This module is the only one that stores or loads it on the app."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 from fastapi import Depends
 from starlette.applications import Starlette
@@ -18,12 +18,10 @@ from easllm.rag.knowledge import KnowledgeBase
 from easllm.server.access_log import request_info
 from easllm.server.lockout import FailedTokens
 from easllm.server.metrics import ServiceMetrics
+from easllm.server.pending import PendingBytes
 from easllm.serving.caller import Caller
 from easllm.serving.chat import ChatServing
 from easllm.serving.observe import EngineWatch, RoundObserver
-
-if TYPE_CHECKING:
-    from easllm.server.routes.websocket import PendingBytes
 
 
 @dataclass

@@ -19,7 +19,7 @@ def error_json(exc: BaseException) -> str:
 
 
 async def eas_chunks(
-    deltas: AsyncIterator[TokenDelta],
+    deltas: AsyncGenerator[TokenDelta, None],
     replies: RoundReplies,
     delta_mode: bool,
     sources: list[dict[str, Any]] | None,
@@ -44,7 +44,7 @@ async def eas_chunks(
 
 
 async def nul_delimited(
-    deltas: AsyncIterator[TokenDelta],
+    deltas: AsyncGenerator[TokenDelta, None],
     replies: RoundReplies,
     delta_mode: bool,
     sources: list[dict[str, Any]] | None,

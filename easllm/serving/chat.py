@@ -12,7 +12,7 @@ first stream; the front end writes `generation.deltas()` or `await generation.co
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -125,7 +125,7 @@ class ChatServing:
     async def _generate(
         self, api: str, prepared: list[Prepared], n: int, caller: Caller, start: bool = True
     ) -> Generation:
-        streams: list[AsyncIterator[TokenDelta]] = []
+        streams: list[AsyncGenerator[TokenDelta, None]] = []
         for p in prepared:
             for sampling in choice_samplings(p.request.sampling, n):
                 request = GenerationRequest(p.request.prompt_token_ids, sampling)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -30,13 +30,13 @@ class Generation:
     """What the serving layer hands back: one observed stream per choice, the first one started
     (so a full queue or a failed prompt is an error before any answer is written)."""
 
-    streams: list[AsyncIterator[TokenDelta]]
+    streams: list[AsyncGenerator[TokenDelta, None]]
     prompt_tokens: int  # over all prompts (a completion may send several)
     sources: list[Source] = field(default_factory=list)
     tools: ChatTools | None = None
     caller: Caller = field(default_factory=Caller)
 
-    def deltas(self) -> AsyncIterator[tuple[int, TokenDelta]]:
+    def deltas(self) -> AsyncGenerator[tuple[int, TokenDelta], None]:
         """(choice index, delta) as they arrive."""
         return merge_choices(self.streams)
 
@@ -53,12 +53,12 @@ class Generation:
         return Usage(self.prompt_tokens, choice.completion_tokens, choice.cached_tokens)
 
 
-async def first_then_rest(deltas: AsyncIterator[TokenDelta]) -> AsyncIterator[TokenDelta]:
+async def first_then_rest(deltas: AsyncGenerator[TokenDelta, None]) -> AsyncGenerator[TokenDelta, None]:
     """Pull the first delta now, so queue-full and engine errors become a status code, not a
     broken 200 stream; the returned iterator replays it."""
     first = await anext(deltas)
 
-    async def replay() -> AsyncIterator[TokenDelta]:
+    async def replay() -> AsyncGenerator[TokenDelta, None]:
         async with aclosing(deltas):
             yield first
             if first.finish_reason is None:
@@ -69,8 +69,8 @@ async def first_then_rest(deltas: AsyncIterator[TokenDelta]) -> AsyncIterator[To
 
 
 async def merge_choices(
-    streams: Sequence[AsyncIterator[TokenDelta]],
-) -> AsyncIterator[tuple[int, TokenDelta]]:
+    streams: Sequence[AsyncGenerator[TokenDelta, None]],
+) -> AsyncGenerator[tuple[int, TokenDelta], None]:
     """(choice index, delta) from several streams, in arrival order; one stream passes straight through."""
     if len(streams) == 1:
         async with aclosing(streams[0]) as only:
@@ -79,9 +79,9 @@ async def merge_choices(
         return
     queue: asyncio.Queue[tuple[int, TokenDelta | BaseException | None]] = asyncio.Queue()
 
-    async def pump(index: int, stream: AsyncIterator[TokenDelta]) -> None:
+    async def pump(index: int, stream: AsyncGenerator[TokenDelta, None]) -> None:
         try:
-            async with aclosing(stream) as deltas:  # type: ignore[type-var]
+            async with aclosing(stream) as deltas:
                 async for delta in deltas:
                     queue.put_nowait((index, delta))
         except Exception as exc:
@@ -106,7 +106,7 @@ async def merge_choices(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def collect_choices(streams: Sequence[AsyncIterator[TokenDelta]]) -> list[ChoiceOutput]:
+async def collect_choices(streams: Sequence[AsyncGenerator[TokenDelta, None]]) -> list[ChoiceOutput]:
     choices = [ChoiceOutput(i) for i in range(len(streams))]
     async for index, delta in merge_choices(streams):
         out = choices[index]

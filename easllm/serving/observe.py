@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Protocol
@@ -79,14 +79,14 @@ class RoundObserver:
 
     def watch(
         self,
-        deltas: AsyncIterator[TokenDelta],
+        deltas: AsyncGenerator[TokenDelta, None],
         api: str,
         caller: Caller,
         conversation: Conversation | str,
         request: GenerationRequest,
         sources: Sequence[Any] = (),
         choice: int = 0,
-    ) -> AsyncIterator[TokenDelta]:
+    ) -> AsyncGenerator[TokenDelta, None]:
         """`deltas`, measured and recorded under `api` for `caller`."""
         conv = Conversation(conversation) if isinstance(conversation, str) else conversation
         round_ = _Round(self, api, caller, conv, request, [_source(s) for s in sources], choice)
@@ -114,7 +114,7 @@ class _Round:
         if self.caller.arrived is not None:
             self.started = self.caller.arrived  # HTTP: from the request's arrival
 
-    async def run(self, deltas: AsyncIterator[TokenDelta]) -> AsyncIterator[TokenDelta]:
+    async def run(self, deltas: AsyncGenerator[TokenDelta, None]) -> AsyncGenerator[TokenDelta, None]:
         m = self.observer.metrics
         ttft = m.time_to_first_token.labels(self.api)
         progress = self.observer.progress

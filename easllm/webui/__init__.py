@@ -1,6 +1,6 @@
 """The WebUI: a Gradio page with a Chat tab and a knowledge-base tab, served at /webui/.
 
-Importing it imports Gradio (seconds), so `create_app` imports it only when the WebUI is served.
+Importing it imports Gradio (seconds), so `easllm.app.create_app` imports it only when the WebUI is served.
 """
 
 from __future__ import annotations

@@ -53,9 +53,8 @@ def build_blocks(state: ServiceState) -> gr.Blocks:
     defaults = default_controls(config.sampling)
     title = f"easllm · {config.service_name}"
     # delete_cache: uploads older than an hour go, and all of them at shutdown.
-    with gr.Blocks(
-        title=title, analytics_enabled=False, fill_width=True, delete_cache=(3600, 3600)
-    ) as blocks:
+    blocks = gr.Blocks(title=title, analytics_enabled=False, fill_width=True, delete_cache=(3600, 3600))
+    with blocks:
         banner = gr.Markdown(model_banner(engine, config, state.load_error), elem_id="easllm-header")
         with gr.Accordion("System prompt and parameters", open=False, elem_id="parameters"):
             system_prompt = gr.Textbox(

@@ -169,7 +169,7 @@ def build_chat_panel(
     }
     by_click = send.click(runner.respond, **common)
     by_enter = box.submit(runner.respond, **common)
-    running = [by_click, by_enter]
+    running: list[Any] = [by_click, by_enter]  # gradio annotates `cancels` as dicts; it takes these
     stop.click(None, cancels=running, api_visibility="private")
     clear.click(_cleared, outputs=[box, chatbot, stats], cancels=running, api_visibility="private")
     chatbot.clear(None, cancels=running, api_visibility="private")  # its own bin icon stops an answer too

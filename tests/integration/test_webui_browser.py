@@ -9,9 +9,9 @@ import pytest
 import requests
 from playwright.sync_api import Browser, Page
 
+from easllm.app import create_app
 from easllm.config import SamplingDefaults, ServerConfig
 from easllm.engine.backends.fake import FakeEngine
-from easllm.server.app import create_app
 from tests.browser import (
     ask,
     chromium,

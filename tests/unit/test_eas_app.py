@@ -9,9 +9,9 @@ from itertools import pairwise
 import pytest
 from fastapi.testclient import TestClient
 
+from easllm.app import create_app
 from easllm.config import SamplingDefaults, ServerConfig
 from easllm.engine.backends.fake import FakeEngine
-from easllm.server.app import create_app
 from tests.apps import start
 
 TOKEN = "s3cret"

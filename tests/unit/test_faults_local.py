@@ -18,6 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event
 
+from easllm.app import create_app
 from easllm.config import SamplingDefaults, ServerConfig
 from easllm.engine.backends.fake import FakeEngine
 from easllm.engine.types import GenerationRequest, SamplingParams
@@ -26,7 +27,6 @@ from easllm.history.export import HistoryExporter, period_name
 from easllm.rag import loaders
 from easllm.rag.loaders import load_document
 from easllm.rag.sql_schema import open_engine
-from easllm.server.app import create_app
 from easllm.server.state import state_of
 from tests.rag_samples import pdf_bytes
 

@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.python.asgi import shutdown_lifespans
 
+from easllm.app import create_app
 from easllm.config import KnowledgeConfig, SamplingDefaults, ServerConfig
 from easllm.engine.backends.fake import FakeEngine
-from easllm.server.app import create_app
 from easllm.server.lockout import FailedTokens
 from easllm.server.state import state_of
 

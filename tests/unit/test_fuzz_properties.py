@@ -16,12 +16,12 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from easllm.app import create_app
 from easllm.config import KnowledgeConfig, SamplingDefaults, ServerConfig
 from easllm.engine.backends.fake import FakeEngine
 from easllm.errors import InvalidRequest
 from easllm.protocol.eas import EasRequest, parse_eas_body
 from easllm.rag.loaders import safe_file_name
-from easllm.server.app import create_app
 from easllm.server.routes.websocket import EOS
 
 TOKEN = "prop-token"

@@ -15,13 +15,13 @@ from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
+from easllm.app import create_app
 from easllm.config import LimitsConfig, SamplingDefaults, ServerConfig
 from easllm.engine.backends.fake import FakeEngine
 from easllm.engine.types import FinishReason, Usage
 from easllm.protocol import eas, openai
 from easllm.protocol.eas import MAX_HISTORY_CHARS, MAX_HISTORY_ROUNDS, RoundReplies, reply
 from easllm.protocol.validation import MAX_JSON_CONTAINERS, MAX_STOP_CHARS, MAX_STOP_STRINGS, UnknownFieldLog
-from easllm.server.app import create_app
 from easllm.server.lockout import FailedTokens
 from easllm.server.routes.websocket import Connection
 from easllm.server.state import state_of

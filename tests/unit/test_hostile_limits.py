@@ -15,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from jinja2.exceptions import SecurityError
 
+from easllm.app import create_app
 from easllm.chat import sandbox
 from easllm.chat.sandbox import BoundedSandbox, render_bounded
 from easllm.config import LimitsConfig, ServerConfig
@@ -22,7 +23,6 @@ from easllm.engine.backends.fake import FakeEngine
 from easllm.errors import InvalidRequest, TooLarge
 from easllm.rag import loaders
 from easllm.rag.loaders import load_document
-from easllm.server.app import create_app
 from easllm.server.limits import LOGIN_BODY_LIMIT, RequestLimits
 from tests.rag_samples import docx_bytes, pdf_bytes
 

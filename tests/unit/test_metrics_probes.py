@@ -10,10 +10,10 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
+from easllm.app import create_app
 from easllm.config import SamplingDefaults, ServerConfig
 from easllm.engine.backends.fake import FakeEngine
 from easllm.engine.types import EngineHealth, GenerationRequest, ModelInfo
-from easllm.server.app import create_app
 from easllm.server.state import state_of
 from easllm.serving.observe import EngineWatch, Progress
 

@@ -13,10 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 from llama_cpp.llama_grammar import JSON_GBNF
 
+from easllm.app import create_app
 from easllm.config import SamplingDefaults, ServerConfig
 from easllm.engine.backends.fake import FakeEngine
 from easllm.engine.types import GenerationRequest, ModelInfo, TokenDelta, TokenLogprob
-from easllm.server.app import create_app
 from easllm.server.state import state_of
 from easllm.serving.prompts import Prepared, Source
 from tests.apps import start

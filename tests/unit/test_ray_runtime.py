@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from easllm.app import create_app
 from easllm.cli import build_parser
 from easllm.config import ServerConfig
 from easllm.control import ray_services
@@ -29,7 +30,6 @@ from easllm.control.spec import ServiceSpec, merge_update, parse_spec
 from easllm.engine.backends.fake import FakeEngine
 from easllm.engine.types import ModelInfo
 from easllm.errors import InvalidRequest
-from easllm.server.app import create_app
 from easllm.server.state import state_of
 
 ADDRESS = "10.0.0.1:6379"

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from easllm.app import create_app
 from easllm.cli import build_parser, configs_from
 from easllm.config import EngineConfig, SamplingDefaults, ServerConfig
 from easllm.engine.backends.vllm import VllmEngine, engine_args
@@ -28,7 +29,6 @@ from easllm.engine.types import FEATURES, FinishReason, GenerationRequest, Sampl
 from easllm.errors import InvalidRequest
 from easllm.models.resolve import ResolvedModel
 from easllm.serve import serve
-from easllm.server.app import create_app
 
 FAKE_VLLM = Path(__file__).parent.parent / "fake_vllm"
 GRAMMAR = 'root ::= "yes" | "no"'

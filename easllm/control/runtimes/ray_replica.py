@@ -23,12 +23,12 @@ Scope = dict[str, Any]
 
 def build_service_app(argv: list[str], token: str | None) -> Any:
     """`easllm serve ARGV` as an ASGI app (no socket: Serve's proxy is the front door)."""
+    from easllm.app import create_app
     from easllm.config import easllm_home
     from easllm.engine.factory import build_engine
     from easllm.logs import configure_logging
     from easllm.models.resolve import resolve_configured
     from easllm.serve_flags import configs_from, serve_parser
-    from easllm.server.app import create_app
 
     server, engine_config = configs_from(serve_parser().parse_args(argv))
     server = replace(server, token=token or None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -100,14 +100,14 @@ async def chat_completions(request: Request, state: State) -> Response:
 
 async def chat_events(
     env: Envelope,
-    deltas: AsyncIterator[tuple[int, TokenDelta]],
+    deltas: AsyncGenerator[tuple[int, TokenDelta], None],
     n: int,
     prompt_tokens: int,
     include_usage: bool,
     top: int | None,
     extra: dict[str, Any],
     tools: ChatTools | None = None,
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncGenerator[dict[str, Any], None]:
     for index in range(n):
         yield chat_chunk(
             env, index, {"role": "assistant", "content": ""}, include_usage=include_usage, **extra
@@ -159,12 +159,12 @@ async def completions(request: Request, state: State) -> Response:
 
 async def completion_events(
     env: Envelope,
-    deltas: AsyncIterator[tuple[int, TokenDelta]],
+    deltas: AsyncGenerator[tuple[int, TokenDelta], None],
     echoes: list[str],
     prompt_tokens: int,
     include_usage: bool,
     logprobs: bool,
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncGenerator[dict[str, Any], None]:
     for index, echo in enumerate(echoes):
         if echo:
             yield completion_chunk(env, index, echo, include_usage=include_usage)
