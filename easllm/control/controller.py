@@ -26,7 +26,7 @@ from easllm.control.runtimes.base import ServiceRuntime
 from easllm.control.runtimes.local import LocalRuntime
 from easllm.control.runtimes.ray import RayRuntime
 from easllm.control.spec import ServiceSpec, SpecCache, merge_update, scales_only
-from easllm.control.views import event_json, invocation, version_json
+from easllm.control.views import changes_between, event_json, invocation, service_summary, version_json
 from easllm.errors import Conflict, InvalidRequest
 from easllm.models.pull import ModelRef
 
@@ -186,7 +186,7 @@ class Controller:
         await lock.acquire()
         version = self.registry.add_version(name, new)
         self.specs.put(name, version, new)
-        self.registry.add_event(name, "update", f"version {version}: {_changes(old, new)}")
+        self.registry.add_event(name, "update", f"version {version}: {changes_between(old, new)}")
         if record.desired != "running":
             self._switch(name, version, record.current_version, new)
             lock.release()
@@ -292,30 +292,8 @@ class Controller:
 
     def summary(self, record: ServiceRecord) -> dict[str, Any]:
         spec = self.specs.get(record.name, record.current_version)
-        return {
-            "name": record.name,
-            "status": record.status,
-            "desired": record.desired,
-            "version": record.current_version,
-            "model": spec.model,
-            "engine": spec.engine,
-            "replicas": {
-                "wanted": spec.replicas,
-                "ready": self.runtime_of(record.name).ready(record.name, record.current_version),
-            },
-            "endpoint": self.config.endpoint(record.name),
-            "webui": f"{self.config.endpoint(record.name)}/webui/",
-            "created_at": record.created_at.isoformat(),
-            "updated_at": record.updated_at.isoformat(),
-        }
+        ready = self.runtime_of(record.name).ready(record.name, record.current_version)
+        return service_summary(record, spec, ready, self.config.endpoint(record.name))
 
     def list(self) -> list[dict[str, Any]]:
         return [self.summary(r) for r in self.registry.services()]
-
-
-def _changes(old: ServiceSpec, new: ServiceSpec) -> str:
-    a, b = old.public(), new.public()
-    diff = [f"{k} {a[k]!r} -> {b[k]!r}" for k in b if a.get(k) != b[k]]
-    if old.token != new.token:
-        diff.append("new token")
-    return ", ".join(diff) or "no change"
