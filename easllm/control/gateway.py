@@ -352,7 +352,7 @@ async def _pump(websocket: WebSocket, upstream: ClientConnection) -> None:
                     await websocket.send_bytes(message)
         except ConnectionClosed:
             pass
-        received = upstream.close_rcvd
+        received = upstream.protocol.close_rcvd
         if received is None:  # the replica vanished without a close frame
             await websocket.close(CLOSE_INTERNAL, "the replica failed")
         else:
