@@ -23,7 +23,8 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from typing import Any
 from urllib.parse import urlencode
 
 import httpx
@@ -69,7 +70,7 @@ RETRY_BODY_BYTES = 1024 * 1024  # a generation request is far smaller; uploads a
 PREFIX = "/api/predict/"
 
 
-def service_path(scope: dict[str, object]) -> str:
+def service_path(scope: MutableMapping[str, Any]) -> str:
     """The path a replica sees: `/api/predict/<service>/v1/models` -> `/v1/models` (others unchanged)."""
     path = str(scope.get("path", ""))
     if not path.startswith(PREFIX):

@@ -189,8 +189,10 @@ class RayCluster:
         try:
             from ray.serve.context import _get_global_client
 
-            http = _get_global_client().http_config
-            return http.host, int(http.port)
+            client = _get_global_client()
+            if client is None:
+                raise LookupError("Serve is not started")
+            return client.http_config.host, int(client.http_config.port)
         except Exception:  # private API: fall back to what we asked for
             return self.serve_host, self.serve_port
 
@@ -231,7 +233,7 @@ class RayCluster:
 
         from easllm.control.runtimes.ray_replica import ServiceReplica
 
-        deployment = serve.deployment(serve.ingress()(ServiceReplica), **options)
+        deployment: Any = serve.deployment(serve.ingress()(ServiceReplica), **options)
         try:  # without a version, Serve picks a random one per `serve.run` and restarts every replica;
             # with the same version and other replica counts, it only scales. An internal option.
             deployment = deployment.options(version=version, _internal=True)
@@ -264,7 +266,13 @@ class RayCluster:
         try:
             from ray.serve.context import _get_global_client
 
-            details = await self._call(lambda: _get_global_client().get_serve_details())
+            def read() -> Any:  # on the Ray thread, as every Ray call
+                client = _get_global_client()
+                if client is None:
+                    raise LookupError("Serve is not started")
+                return client.get_serve_details()
+
+            details = await self._call(read)
             deployment = details["applications"][name]["deployments"][DEPLOYMENT]
         except Exception:  # private API, or no such application
             return []
