@@ -121,6 +121,14 @@ async def test_a_replica_given_up_everywhere_fails_the_service(tmp_path: Path) -
     registry.close()
 
 
+async def test_the_service_fails_the_moment_its_last_replica_is_given_up(tmp_path: Path) -> None:
+    # `easllm deploy` reads both at once: a failed replica of a still "deploying" service misled it
+    supervisor, registry, _launcher, [replica] = supervise(tmp_path, 1, ["exit"], max_failed_starts=1)
+    await supervisor._check(replica)  # one replica's check, without the turn's status refresh
+    assert replica.status == "failed" and registry.get("svc").status == "failed"
+    registry.close()
+
+
 class DescribingClient:
     """`describe` answers from a script, one dict per call (the last repeats)."""
 

@@ -243,6 +243,7 @@ class Supervisor:
             r.detail = f"{why}; gave up after {r.failed_starts} failed start(s)\n{tail}"
             self._set_status(r, "failed", exit_code=code)
             self.registry.add_event(r.service, "failed", f"replica {r.id} {r.detail}")
+            self.refresh_status(r.service)  # at once: no reader sees a failed replica of a deploying service
             return
         delay = min(2.0 ** (streak - 1), 30.0)
         r.restart_at = time.monotonic() + delay
