@@ -3,7 +3,7 @@ app behind Serve's proxy with 1 and 2 replicas, and the time from `serve.run` to
 
 All in one run, same client load, the fake engine (so the numbers are serving overhead, not a
 model): C client threads each send EAS text requests back to back for --seconds. The Serve app
-is deployed with the console's own RayRuntime on a private one-node cluster (`local`).
+is deployed with the console's own RayCluster on a private one-node cluster (`local`).
 Some Ray processes listen on every interface: run it inside a private network namespace,
 
     unshare -rn sh -c 'ip link set lo up && exec .venv/bin/python bench/ray_overhead.py'
@@ -26,8 +26,8 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from easllm.control.ray_services import code_version
-from easllm.control.runtimes.ray import RayRuntime
+from easllm.control.runtimes.ray import code_version
+from easllm.control.runtimes.ray_cluster import RayCluster
 from easllm.control.spec import parse_spec
 from tests.servers import free_port, running_server
 
@@ -68,11 +68,11 @@ def load(url: str, clients: int, seconds: float, tokens: int) -> tuple[float, fl
 
 
 async def serve_rows(args: argparse.Namespace, tmp: Path) -> list[tuple[str, tuple[float, float, float]]]:
-    runtime = RayRuntime("local", free_port())
+    cluster = RayCluster("local", free_port())
     rows = []
     try:
         started = time.monotonic()
-        proxy = await runtime.connect()
+        proxy = await cluster.connect()
         print(f"private Ray cluster + Serve up in {time.monotonic() - started:.1f}s", flush=True)
         for replicas in (1, 2):
             spec = parse_spec({
@@ -80,8 +80,8 @@ async def serve_rows(args: argparse.Namespace, tmp: Path) -> list[tuple[str, tup
                 "args": ["--api-only", "--max-new-tokens", str(args.tokens)],
             })  # fmt: skip
             started = time.monotonic()
-            await runtime.deploy(spec, code_version(spec), tmp, 120, 5)
-            while (state := (await runtime.statuses()).get("bench")) is None or state.status != "RUNNING":
+            await cluster.deploy(spec, code_version(spec), tmp, 120, 5)
+            while (state := (await cluster.statuses()).get("bench")) is None or state.status != "RUNNING":
                 await asyncio.sleep(0.2)
             print(
                 f"{replicas} replica(s): serve.run -> RUNNING in {time.monotonic() - started:.1f}s",
@@ -92,9 +92,9 @@ async def serve_rows(args: argparse.Namespace, tmp: Path) -> list[tuple[str, tup
             rows.append(
                 (f"Ray Serve, {replicas} replica(s)", load(url, args.clients, args.seconds, args.tokens))
             )
-        await runtime.delete("bench")
+        await cluster.delete("bench")
     finally:
-        await runtime.close()
+        await cluster.close()
     return rows
 
 

@@ -1,4 +1,5 @@
-"""`create_console_app(config)`: registry + supervisor + gateway + REST API + page, on one port."""
+"""`create_console_app(config)`: registry + controller (and its runtimes) + gateway + REST API +
+page, on one port."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from easllm.control.config import ConsoleConfig
 from easllm.control.controller import Controller
 from easllm.control.registry import Registry, UnknownService
 from easllm.control.routing import RoutingTable
-from easllm.control.supervisor import Supervisor
 from easllm.logs import redact_secrets
 from easllm.server.auth import serve_openapi
 from easllm.server.browser import BrowserGuard
@@ -39,7 +39,6 @@ class Console:
     registry: Registry
     controller: Controller
     routing: RoutingTable
-    supervisor: Supervisor
     http: httpx.AsyncClient
 
 
@@ -50,7 +49,7 @@ def create_console_app(config: ConsoleConfig, registry: Registry | None = None) 
         redact_secrets()  # the gateway's WebUI and WebSocket clients pass ?token= in URLs uvicorn logs
         controller = Controller(config, reg)
         http = gateway.new_http_client()
-        app.state.console = Console(config, reg, controller, controller.routing, controller.supervisor, http)
+        app.state.console = Console(config, reg, controller, controller.routing, http)
         await controller.open()
         log.info("console on %s (database %s)", config.gateway_url, reg.url)
         print(f"easllm console: ready on {config.gateway_url}/", flush=True)

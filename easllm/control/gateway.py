@@ -23,7 +23,8 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from typing import Any
 from urllib.parse import urlencode
 
 import httpx
@@ -34,15 +35,14 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from easllm.control.affinity import conversation_key
-from easllm.control.routing import NoReplica, ReplicaState, RoutingTable, ServiceRoute
-from easllm.control.runtimes.local import gateway_prefix
-from easllm.control.supervisor import Supervisor
+from easllm.control.routing import NoReplica, ReplicaState, RoutingTable, ServiceRoute, gateway_prefix
 from easllm.server.auth import check_token
 from easllm.server.errors import error_body, error_response
 from easllm.server.lockout import FailedTokens, busy_message
 
 log = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
+Suspect = Callable[[ReplicaState], None]  # tells the replica's runtime that it failed a request
 COOKIE = "easllm_token"
 REPLICA_COOKIE = "easllm_replica"  # session affinity: the id of the replica a browser stays on
 GATEWAY_COOKIES = {COOKIE, REPLICA_COOKIE}  # never passed on to replicas
@@ -70,7 +70,7 @@ RETRY_BODY_BYTES = 1024 * 1024  # a generation request is far smaller; uploads a
 PREFIX = "/api/predict/"
 
 
-def service_path(scope: dict[str, object]) -> str:
+def service_path(scope: MutableMapping[str, Any]) -> str:
     """The path a replica sees: `/api/predict/<service>/v1/models` -> `/v1/models` (others unchanged)."""
     path = str(scope.get("path", ""))
     if not path.startswith(PREFIX):
@@ -179,14 +179,14 @@ async def predict(request: Request, service: str, path: str = "") -> Response:
         try:
             upstream = await console.http.send(upstream_request, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            _give_back(replica, console.supervisor, f"unreachable: {exc!r}")
+            _give_back(replica, console.controller.suspect, f"unreachable: {exc!r}")
             continue
         except httpx.HTTPError as exc:
             if body is None:  # a streamed body: the replica may have refused it (413) and closed
                 replica.outstanding -= 1
                 log.info("%s: replica %d stopped reading a streamed body: %r", service, replica.id, exc)
                 return error_response(502, f"service {service}: the replica did not take the whole body")
-            _give_back(replica, console.supervisor, f"failed mid-request: {exc!r}")
+            _give_back(replica, console.controller.suspect, f"failed mid-request: {exc!r}")
             if retry_safe:
                 continue
             return error_response(502, f"service {service}: the replica failed during the request")
@@ -195,7 +195,7 @@ async def predict(request: Request, service: str, path: str = "") -> Response:
             raise
         reply_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in DROP_FROM_REPLY}
         response = StreamingResponse(
-            _relay(upstream, replica, console.supervisor),
+            _relay(upstream, replica, console.controller.suspect),
             status_code=upstream.status_code,
             headers=reply_headers,
         )
@@ -237,20 +237,18 @@ def serve_affinity(replica: ReplicaState, session: str | None, key: str | None) 
     return [(SERVE_AFFINITY_HEADER, f"conversation:{key}")] if key else []
 
 
-def _give_back(replica: ReplicaState, supervisor: Supervisor, why: str) -> None:
+def _give_back(replica: ReplicaState, suspect: Suspect, why: str) -> None:
     replica.outstanding -= 1
-    supervisor.suspect(replica)
+    suspect(replica)
     log.warning("%s: replica %d %s", replica.service, replica.id, why)
 
 
-async def _relay(
-    upstream: httpx.Response, replica: ReplicaState, supervisor: Supervisor
-) -> AsyncIterator[bytes]:
+async def _relay(upstream: httpx.Response, replica: ReplicaState, suspect: Suspect) -> AsyncIterator[bytes]:
     try:
         async for chunk in upstream.aiter_raw():
             yield chunk
     except httpx.HTTPError as exc:
-        supervisor.suspect(replica)
+        suspect(replica)
         log.warning("%s: replica %d broke a stream: %r", replica.service, replica.id, exc)
         if "content-length" not in upstream.headers:
             tail = _broken_stream_chunk(
@@ -278,7 +276,7 @@ async def predict_socket(websocket: WebSocket, service: str, path: str = "") -> 
         await _deny(websocket, refusal[0], refusal[1].format(service=service))
         return
     upstream, replica = await _connect_upstream(
-        websocket, route, routing, console.supervisor, path, pinned_replica(websocket.cookies)
+        websocket, route, routing, console.controller.suspect, path, pinned_replica(websocket.cookies)
     )
     if upstream is None or replica is None:
         return
@@ -294,7 +292,7 @@ async def _connect_upstream(
     websocket: WebSocket,
     route: ServiceRoute,
     routing: RoutingTable,
-    supervisor: Supervisor,
+    suspect: Suspect,
     path: str,
     pinned: int | None = None,
 ) -> tuple[ClientConnection | None, ReplicaState | None]:
@@ -331,7 +329,7 @@ async def _connect_upstream(
             )
             return None, None
         except (OSError, InvalidHandshake, TimeoutError) as exc:
-            _give_back(replica, supervisor, f"refused a WebSocket: {exc!r}")
+            _give_back(replica, suspect, f"refused a WebSocket: {exc!r}")
 
 
 async def _pump(websocket: WebSocket, upstream: ClientConnection) -> None:
@@ -355,7 +353,7 @@ async def _pump(websocket: WebSocket, upstream: ClientConnection) -> None:
                     await websocket.send_bytes(message)
         except ConnectionClosed:
             pass
-        received = upstream.close_rcvd
+        received = upstream.protocol.close_rcvd
         if received is None:  # the replica vanished without a close frame
             await websocket.close(CLOSE_INTERNAL, "the replica failed")
         else:

@@ -43,8 +43,8 @@ async def follow(
     """The last `lines` lines, then new lines of every replica log (new replicas included) as they come."""
     paths = replica_logs(log_dir, replica)
     offsets = {p: p.stat().st_size for p in paths}  # before the tail: a line may repeat, none is lost
-    if start := tail_lines(paths, lines).encode():
-        yield start  # never an empty chunk: in chunked encoding that would end the response
+    if head := tail_lines(paths, lines).encode():
+        yield head  # never an empty chunk: in chunked encoding that would end the response
     pending: dict[Path, bytes] = {}
     while still_wanted():
         await asyncio.sleep(poll)

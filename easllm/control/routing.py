@@ -24,6 +24,11 @@ from easllm.control.affinity import HashRing
 POLICIES = ("prefix", "least-loaded")
 
 
+def gateway_prefix(service: str) -> str:
+    """Where the gateway serves `service` (and where its replicas believe they are served)."""
+    return f"/api/predict/{service}"
+
+
 @dataclass(eq=False)
 class ReplicaState:
     """One replica, in memory; `id` is its database row."""
@@ -99,6 +104,35 @@ class RoutingTable:
 
     def remove(self, name: str) -> None:
         self.routes.pop(name, None)
+
+    # what the controller and the runtimes change: the one place that writes a route ----------------
+    def attach(self, replica: ReplicaState) -> None:
+        """`replica` takes its service's requests whenever it serves (ready, not draining)."""
+        route = self.routes.get(replica.service)
+        if route is not None and replica not in route.replicas:
+            route.replicas.append(replica)
+
+    def detach(self, replica: ReplicaState) -> None:
+        route = self.routes.get(replica.service)
+        if route is not None and replica in route.replicas:
+            route.replicas.remove(replica)
+
+    def switch(self, name: str, version: int, token: str) -> None:
+        """Requests now go to `version`'s replicas and need `token`."""
+        route = self.routes.get(name)
+        if route is not None:
+            route.version, route.token = version, token
+
+    def close(self, name: str, reason: str) -> None:
+        """Requests get 503 with `reason` (a stopped service)."""
+        route = self.routes.get(name)
+        if route is not None:
+            route.accepting, route.closed_reason = False, reason
+
+    def reopen(self, name: str) -> None:
+        route = self.routes.get(name)
+        if route is not None:
+            route.accepting = True
 
     def pick(
         self,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import re
 import secrets
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import (
@@ -197,3 +198,29 @@ def merge_update(spec: ServiceSpec, changes: dict[str, object]) -> ServiceSpec:
             merged[key] = value
     new = parse_spec(merged)
     return new if new.token else new.model_copy(update={"token": spec.token})
+
+
+def scales_only(old: ServiceSpec, new: ServiceSpec) -> bool:
+    """`new` differs from `old` in its replica count alone: the same processes keep serving."""
+    return new.model_copy(update={"replicas": old.replicas}) == old
+
+
+class SpecCache:
+    """Each version's spec, read from the database once (a version's spec never changes)."""
+
+    def __init__(self, load: Callable[[str, int], ServiceSpec]) -> None:
+        self._load = load
+        self._specs: dict[tuple[str, int], ServiceSpec] = {}
+
+    def get(self, service: str, version: int) -> ServiceSpec:
+        key = (service, version)
+        if key not in self._specs:
+            self._specs[key] = self._load(service, version)
+        return self._specs[key]
+
+    def put(self, service: str, version: int, spec: ServiceSpec) -> None:
+        self._specs[(service, version)] = spec
+
+    def forget(self, service: str) -> None:
+        for key in [k for k in self._specs if k[0] == service]:
+            del self._specs[key]

@@ -4,8 +4,35 @@ from __future__ import annotations
 
 from typing import Any
 
-from easllm.control.registry import EventRecord, VersionRecord
+from easllm.control.registry import EventRecord, ServiceRecord, VersionRecord
 from easllm.control.routing import ReplicaState
+from easllm.control.spec import ServiceSpec
+
+
+def service_summary(record: ServiceRecord, spec: ServiceSpec, ready: int, endpoint: str) -> dict[str, Any]:
+    """One line of `easllm list` (and the head of `describe`)."""
+    return {
+        "name": record.name,
+        "status": record.status,
+        "desired": record.desired,
+        "version": record.current_version,
+        "model": spec.model,
+        "engine": spec.engine,
+        "replicas": {"wanted": spec.replicas, "ready": ready},
+        "endpoint": endpoint,
+        "webui": f"{endpoint}/webui/",
+        "created_at": record.created_at.isoformat(),
+        "updated_at": record.updated_at.isoformat(),
+    }
+
+
+def changes_between(old: ServiceSpec, new: ServiceSpec) -> str:
+    """What an update changes, for its event: `field old -> new, ...`."""
+    a, b = old.public(), new.public()
+    diff = [f"{k} {a[k]!r} -> {b[k]!r}" for k in b if a.get(k) != b[k]]
+    if old.token != new.token:
+        diff.append("new token")
+    return ", ".join(diff) or "no change"
 
 
 def invocation(endpoint: str, token: str) -> dict[str, str]:

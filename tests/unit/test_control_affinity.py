@@ -15,8 +15,8 @@ from easllm.control.gateway import (
     pinned_replica,
     serve_affinity,
 )
-from easllm.control.ray_services import RayEndpoint
 from easllm.control.routing import ReplicaState
+from easllm.control.runtimes.ray import RayEndpoint
 
 
 def body(value: object) -> bytes:

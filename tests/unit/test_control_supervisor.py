@@ -1,4 +1,4 @@
-"""The supervisor with a scripted runtime (no processes): a failed start is retried with back-off
+"""The supervisor with a scripted process launcher (no processes): a failed start is retried with back-off
 like a crash, a replica that keeps failing is given up, and the service with other ready
 replicas is degraded, not failed; `easllm deploy`'s wait says why and stops."""
 
@@ -13,12 +13,12 @@ from easllm.control.config import ConsoleConfig
 from easllm.control.progress import wait_for_version
 from easllm.control.registry import Registry
 from easllm.control.routing import RoutingTable, ServiceRoute
-from easllm.control.runtimes.local import Launch
+from easllm.control.runtimes.processes import Launch
+from easllm.control.runtimes.supervisor import Supervisor
 from easllm.control.spec import ServiceSpec, parse_spec
-from easllm.control.supervisor import Supervisor
 
 
-class ScriptedRuntime:
+class ScriptedLauncher:
     """Each start takes the next outcome: `ready`, `bad-load` (/health says the model failed to
     load) or `exit` (the process ends with status 2 at once, as `easllm serve` does when the
     model file fails its check). When the script runs out, starts come up ready."""
@@ -73,10 +73,10 @@ def supervise(tmp_path: Path, replicas: int, outcomes: list[str], max_failed_sta
     routing = RoutingTable()
     routing.add(ServiceRoute("svc", record.token, 1))
     config = ConsoleConfig(state_dir=tmp_path, max_failed_starts=max_failed_starts)
-    runtime = ScriptedRuntime(outcomes)
-    supervisor = Supervisor(config, registry, runtime, routing)  # type: ignore[arg-type]
+    launcher = ScriptedLauncher(outcomes)
+    supervisor = Supervisor(config, registry, launcher, routing)  # type: ignore[arg-type]
     started = [supervisor.launch("svc", 1, spec) for _ in range(replicas)]
-    return supervisor, registry, runtime, started
+    return supervisor, registry, launcher, started
 
 
 async def turn_until(supervisor: Supervisor, done: Any, timeout: float = 15.0) -> None:
@@ -89,11 +89,11 @@ async def turn_until(supervisor: Supervisor, done: Any, timeout: float = 15.0) -
 
 @pytest.mark.parametrize("failure", ["bad-load", "exit"])
 async def test_a_failed_start_is_retried_and_the_replica_becomes_ready(tmp_path: Path, failure: str) -> None:
-    supervisor, registry, runtime, [replica] = supervise(tmp_path, 1, [failure])
+    supervisor, registry, launcher, [replica] = supervise(tmp_path, 1, [failure])
     t0 = time.monotonic()
     await turn_until(supervisor, lambda: replica.status == "ready")
     assert time.monotonic() - t0 >= 0.9, "the retry waited its back-off (1 s)"
-    assert runtime.starts == 2 and replica.restarts == 1
+    assert launcher.starts == 2 and replica.restarts == 1
     events = [(e.kind, e.message) for e in registry.events("svc")]
     assert any(kind == "crash" and "restarting in 1s" in message for kind, message in events), events
     assert registry.get("svc").status == "running"
@@ -102,11 +102,11 @@ async def test_a_failed_start_is_retried_and_the_replica_becomes_ready(tmp_path:
 
 async def test_one_replica_that_keeps_failing_does_not_fail_the_service(tmp_path: Path) -> None:
     # replica 1 starts fine, replica 2 fails twice (the limit), replica 3 starts fine
-    supervisor, registry, runtime, (a, b, c) = supervise(
+    supervisor, registry, launcher, (a, b, c) = supervise(
         tmp_path, 3, ["ready", "bad-load", "ready", "bad-load"], max_failed_starts=2
     )
     await turn_until(supervisor, lambda: b.status == "failed" and a.status == c.status == "ready")
-    assert runtime.starts == 4 and b.restarts == 1
+    assert launcher.starts == 4 and b.restarts == 1
     assert "gave up after 2 failed start(s)" in b.detail and "SHA-256 mismatch" in b.detail
     assert registry.get("svc").status == "degraded"
     route = supervisor.routing.route("svc")
@@ -115,9 +115,17 @@ async def test_one_replica_that_keeps_failing_does_not_fail_the_service(tmp_path
 
 
 async def test_a_replica_given_up_everywhere_fails_the_service(tmp_path: Path) -> None:
-    supervisor, registry, _runtime, [replica] = supervise(tmp_path, 1, ["exit", "exit"], max_failed_starts=2)
+    supervisor, registry, _launcher, [replica] = supervise(tmp_path, 1, ["exit", "exit"], max_failed_starts=2)
     await turn_until(supervisor, lambda: replica.status == "failed")
     assert registry.get("svc").status == "failed"
+    registry.close()
+
+
+async def test_the_service_fails_the_moment_its_last_replica_is_given_up(tmp_path: Path) -> None:
+    # `easllm deploy` reads both at once: a failed replica of a still "deploying" service misled it
+    supervisor, registry, _launcher, [replica] = supervise(tmp_path, 1, ["exit"], max_failed_starts=1)
+    await supervisor._check(replica)  # one replica's check, without the turn's status refresh
+    assert replica.status == "failed" and registry.get("svc").status == "failed"
     registry.close()
 
 

@@ -23,7 +23,7 @@ from easllm.control.app import create_console_app
 from easllm.control.config import ConsoleConfig
 from easllm.control.registry import Registry
 from easllm.control.routing import ReplicaState, ServiceRoute
-from easllm.control.runtimes.local import replica_env
+from easllm.control.runtimes.processes import replica_env
 from easllm.control.spec import parse_spec
 from easllm.errors import InvalidRequest
 from easllm.history.export import HistoryExporter

@@ -19,12 +19,12 @@ import pytest
 from easllm.app import create_app
 from easllm.cli import build_parser
 from easllm.config import ServerConfig
-from easllm.control import ray_services
 from easllm.control.config import ConsoleConfig
 from easllm.control.controller import Controller
-from easllm.control.ray_services import RayEndpoint, code_version
 from easllm.control.registry import Registry
-from easllm.control.runtimes.ray import RayAppState, deployment_options, init_options, serve_argv
+from easllm.control.runtimes import ray as ray_runtime
+from easllm.control.runtimes.ray import RayEndpoint, RayRuntime, code_version
+from easllm.control.runtimes.ray_cluster import RayAppState, deployment_options, init_options, serve_argv
 from easllm.control.runtimes.ray_replica import REPLICA_HEADER, ReadyWhenLoaded, build_service_app
 from easllm.control.spec import ServiceSpec, merge_update, parse_spec
 from easllm.engine.backends.fake import FakeEngine
@@ -245,7 +245,7 @@ def test_build_service_app_is_easllm_serve_with_the_token(tmp_path: Path) -> Non
 
 
 class MemoryServe:
-    """Stands in for RayRuntime: applications in a dict; each deploy runs at once unless told."""
+    """Stands in for RayCluster: applications in a dict; each deploy runs at once unless told."""
 
     def __init__(self, address: str) -> None:
         self.address = address
@@ -298,14 +298,20 @@ def console(tmp_path: Path) -> Iterator[tuple[Controller, MemoryServe]]:
     config = ConsoleConfig(state_dir=tmp_path, admin_token="a" * 12, ray_address=ADDRESS, drain_timeout=1)
     controller = Controller(config, registry)
     serve = MemoryServe(ADDRESS)
-    controller.ray.runtime = serve  # type: ignore[assignment]
+    ray(controller).cluster = serve  # type: ignore[assignment]
     yield controller, serve
     registry.close()
 
 
+def ray(controller: Controller) -> RayRuntime:
+    runtime = controller.runtimes["ray"]
+    assert isinstance(runtime, RayRuntime)
+    return runtime
+
+
 async def settle(controller: Controller) -> None:
     """One turn of the loop that reads Serve's status, then let background work finish."""
-    await controller.ray._check_once()
+    await ray(controller)._check_once()
     await asyncio.gather(*controller._tasks)
 
 
@@ -390,12 +396,12 @@ async def test_stop_start_and_delete_map_to_serve(console) -> None:  # type: ign
     assert len(serve.deploys) == 2 and controller.registry.get("svc").status == "running"
     await controller.delete("svc")
     assert serve.deleted == ["svc", "svc"] and controller.routing.route("svc") is None
-    assert "svc" not in controller.ray.endpoints
+    assert "svc" not in ray(controller).endpoints
 
 
 async def test_an_app_gone_from_the_cluster_is_deployed_again(console, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     controller, serve = console
-    monkeypatch.setattr(ray_services, "GONE_GRACE", 0.0)
+    monkeypatch.setattr(ray_runtime, "GONE_GRACE", 0.0)
     await controller.deploy(spec())
     serve.apps.clear()  # e.g. the cluster restarted
     await settle(controller)

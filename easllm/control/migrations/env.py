@@ -14,6 +14,8 @@ def run_migrations() -> None:
         url = context.get_x_argument(as_dictionary=True).get("url") or context.config.get_main_option(
             "sqlalchemy.url"
         )
+        if not url:
+            raise SystemExit("alembic: give the database as -x url=... (or sqlalchemy.url in alembic.ini)")
         with create_engine(url).begin() as own:
             _run(own)
         return

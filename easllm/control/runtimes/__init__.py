@@ -1,1 +1,2 @@
-"""Where replicas run: `local` (processes on this machine)."""
+"""Where a service's replicas run: base.py is the interface; local.py (processes on this machine)
+and ray.py (Ray Serve) implement it."""

@@ -1,196 +1,173 @@
-"""Replicas as local processes: each one `easllm serve` on a free loopback port, logging to a file.
+"""`"runtime": "local"`: a service's replicas are `easllm serve` processes on this machine.
 
-Processes start in their own session, so a Ctrl-C meant for the console does not reach them and
-they can outlive a console that crashed; the next console finds them by PID and start time
-(`/proc/<pid>/stat`), so a reused PID is never mistaken for a replica.
+The supervisor (supervisor.py) keeps them alive and the process launcher (processes.py) starts
+and stops them; this class maps the controller's verbs onto both. An update starts the new
+version's replicas beside the old ones, waits until they are ready, switches the gateway to
+them, drains the old ones and stops them, so no request fails; a change of the replica count
+alone keeps the processes and only adds or drains some.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
-import httpx
-
-from easllm.control.spec import ServiceSpec
+from easllm.control.config import ConsoleConfig
+from easllm.control.recommend import Recommendation
+from easllm.control.registry import Registry, ServiceRecord
+from easllm.control.routing import ReplicaState, RoutingTable
+from easllm.control.runtimes.base import Busy, Switch
+from easllm.control.runtimes.processes import ProcessLauncher
+from easllm.control.runtimes.supervisor import Supervisor
+from easllm.control.spec import ServiceSpec, SpecCache, scales_only
+from easllm.control.views import replica_json
+from easllm.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Launch:
-    pid: int
-    pid_started: str | None
-    port: int
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def process_start_time(pid: int) -> str | None:
-    """The kernel's start time of `pid` (clock ticks since boot), or None where /proc is absent."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-# The console's own secrets never reach a replica (it could print them, or a spec's code read them).
-CONSOLE_SECRETS = frozenset({"EASLLM_ADMIN_TOKEN"})
-
-
-def replica_env(spec: ServiceSpec) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in CONSOLE_SECRETS}
-    env.update({"EASLLM_TOKEN": spec.token or "", "PYTHONUNBUFFERED": "1"})
-    if spec.resources.gpu == 0 and spec.engine != "vllm":
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    return env
-
-
-def gateway_prefix(service: str) -> str:
-    return f"/api/predict/{service}"
-
-
-def serve_command(spec: ServiceSpec, port: int, data_dir: Path, replica_name: str | None = None) -> list[str]:
-    """The `easllm serve` command line of one replica of `spec` (its token goes in the environment)."""
-    options = spec.serve_options()
-    cmd = [sys.executable, "-m", "easllm.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--service-name", spec.name, "--model-path", spec.model]
-    if replica_name:
-        cmd += ["--replica-name", replica_name]
-    cmd += ["--root-path", gateway_prefix(spec.name)]  # links the WebUI makes point at the gateway
-    if spec.engine:
-        cmd += ["--engine", spec.engine]
-    if spec.precision:
-        cmd += ["--precision", spec.precision]
-    if spec.resources.gpu == 0 and spec.engine != "vllm":
-        cmd.append("--cpu")
-    if spec.engine == "vllm" and spec.resources.gpu > 1:  # one model over the replica's GPUs
-        cmd += ["--tensor-parallel-size", str(spec.resources.gpu)]
-    if spec.resources.cpu and options.threads is None:
-        cmd += ["--threads", str(spec.resources.cpu)]
-    if options.data_dir is None:
-        cmd += ["--data-dir", str(data_dir)]
-    return cmd + list(spec.args)
-
-
 class LocalRuntime:
-    """Starts, watches and stops replica processes; knows nothing of services or the database."""
+    def __init__(
+        self,
+        config: ConsoleConfig,
+        registry: Registry,
+        routing: RoutingTable,
+        specs: SpecCache,
+        busy: Busy,
+        check: Callable[[ServiceSpec], Recommendation],
+        launcher: ProcessLauncher | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.routing = routing
+        self.check = check  # what this machine can run (the controller's `check`)
+        self.launcher = launcher or ProcessLauncher()
+        self.supervisor = Supervisor(config, registry, self.launcher, routing, specs, busy)
+        self._loop: asyncio.Task[None] | None = None
 
-    def __init__(self, health_timeout: float = 3.0) -> None:
-        self._children: dict[int, subprocess.Popen[bytes]] = {}
-        self._http = httpx.AsyncClient(timeout=health_timeout, trust_env=False)
+    # life of the console -------------------------------------------------------------------------
+    async def adopt(self, record: ServiceRecord) -> None:
+        """Reattach replicas whose process still runs, restart dead ones, stop those not wanted."""
+        name, supervisor = record.name, self.supervisor
+        running = record.desired == "running"
+        stale = []
+        for row in self.registry.replicas(name):
+            keep = running and row.version == record.current_version and row.status != "failed"
+            if keep and self.launcher.alive(row.pid, row.pid_started):
+                supervisor.adopt(row, name)
+            elif keep:
+                supervisor.revive(row, name)
+            else:
+                await self.launcher.stop(row.pid, row.pid_started)
+                stale.append(row.id)
+        for replica_id in stale:
+            self.registry.remove_replica(replica_id)
+        if running:
+            spec = supervisor.specs.get(name, record.current_version)
+            current = supervisor.of(name)
+            for _ in range(spec.replicas - len(current)):
+                supervisor.launch(name, record.current_version, spec)
+            if len(current) > spec.replicas:
+                await supervisor.retire(current[spec.replicas :])
+        supervisor.refresh_status(name)
+
+    def open(self) -> None:
+        self._loop = asyncio.create_task(self.supervisor.run(), name="supervisor")
 
     async def close(self) -> None:
-        await self._http.aclose()
+        if self._loop is not None:
+            self._loop.cancel()
+            await asyncio.gather(self._loop, return_exceptions=True)
+        if not self.config.keep_replicas:
+            replicas = list(self.supervisor.replicas.values())
+            await asyncio.gather(*(self.launcher.stop(r.pid, r.pid_started) for r in replicas))
+            for r in replicas:  # the next console starts them again (same rows, new processes)
+                self.registry.update_replica(r.id, pid=None, pid_started=None, status="stopped")
+        await self.launcher.close()
 
-    def start(
-        self,
-        spec: ServiceSpec,
-        log_path: Path,
-        data_dir: Path,
-        port: int | None = None,
-        replica_name: str | None = None,
-    ) -> Launch:
-        port = port or free_port()
-        cmd = serve_command(spec, port, data_dir, replica_name)
-        env = replica_env(spec)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with log_path.open("ab") as out:
-            stamp = datetime.now(UTC).isoformat(timespec="seconds")
-            out.write(f"=== {stamp} easllm console: starting replica on port {port}\n".encode())
-            out.flush()
-            process = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-                close_fds=True,
-            )
-        self._children[process.pid] = process
-        log.info("%s: started replica pid %d on port %d", spec.name, process.pid, port)
-        return Launch(process.pid, process_start_time(process.pid), port)
-
-    def alive(self, pid: int | None, pid_started: str | None) -> bool:
-        if pid is None:
-            return False
-        child = self._children.get(pid)
-        if child is not None:
-            return child.poll() is None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return False  # someone else's process now holds this PID
-        started = process_start_time(pid)
-        return started is None or pid_started is None or started == pid_started
-
-    def exit_code(self, pid: int) -> int | None:
-        """The exit status of a child that ended (negative: killed by that signal); None if unknown."""
-        child = self._children.get(pid)
-        return child.poll() if child is not None else None
-
-    def forget(self, pid: int) -> None:
-        self._children.pop(pid, None)
-
-    async def stop(self, pid: int | None, pid_started: str | None, grace: float = 10.0) -> None:
-        """SIGTERM, wait up to `grace` seconds for a clean exit, then SIGKILL."""
-        if pid is None or not self.alive(pid, pid_started):
-            if pid is not None:
-                self._reap(pid)
+    # verbs ---------------------------------------------------------------------------------------
+    async def prepare(self, spec: ServiceSpec, old: ServiceSpec | None = None, running: bool = True) -> None:
+        """400 unless this machine has room for the replicas `spec` adds (none while stopped)."""
+        if not running:
             return
-        self._signal(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while self.alive(pid, pid_started):
-            if time.monotonic() > deadline:
-                log.warning("replica pid %d ignored SIGTERM for %.0fs: killing it", pid, grace)
-                self._signal(pid, signal.SIGKILL)
-                deadline = time.monotonic() + 5
-                grace = 0
-            await asyncio.sleep(0.05)
-        self._reap(pid)
+        if old is not None and scales_only(old, spec):
+            if spec.replicas <= old.replicas:
+                return
+            spec = spec.model_copy(update={"replicas": spec.replicas - old.replicas})
+        rec = await asyncio.to_thread(self.check, spec)  # may ask the hub for file sizes
+        if rec.problems:
+            first = rec.problems[0]
+            message = "; ".join(f"{p.param}: {p.message}" for p in rec.problems)
+            raise InvalidRequest(f"cannot deploy {spec.name} here: {message}", first.param)
 
-    def _signal(self, pid: int, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
+    async def deploy(self, spec: ServiceSpec, version: int) -> None:
+        for _ in range(spec.replicas):
+            self.supervisor.launch(spec.name, version, spec)
 
-    def _reap(self, pid: int) -> None:
-        child = self._children.pop(pid, None)
-        if child is not None:
-            try:
-                child.wait(timeout=1)
-            except subprocess.TimeoutExpired:
-                log.warning("replica pid %d did not exit after being stopped", pid)
+    async def roll_out(
+        self, name: str, version: int, previous: int, spec: ServiceSpec, switch: Switch
+    ) -> str | None:
+        old = [r for r in self.supervisor.of(name) if r.version != version]
+        new = [self.supervisor.launch(name, version, spec) for _ in range(spec.replicas)]
+        why = await self.supervisor.wait_ready(new, self.config.startup_timeout)
+        if why is not None:
+            await self.supervisor.retire(new)
+            return why
+        switch()
+        await self._drain_and_retire(name, old)
+        return None
 
-    async def health(self, port: int) -> tuple[str, str]:
-        """(state, detail) of a replica's /health: ready | loading | failed | down."""
-        try:
-            r = await self._http.get(f"http://127.0.0.1:{port}/health")
-        except httpx.HTTPError as exc:
-            return "down", type(exc).__name__
-        try:
-            body = r.json()
-        except ValueError:
-            body = {}
-        if r.status_code == 200:
-            return "ready", ""
-        if isinstance(body, dict) and body.get("status") == "failed":
-            return "failed", str(body.get("error", "the model failed to load"))
-        return "loading", ""
+    async def scale(
+        self, name: str, version: int, previous: int, spec: ServiceSpec, switch: Switch
+    ) -> str | None:
+        current = [r for r in self.supervisor.of(name) if not r.draining]
+        for r in current:  # the same processes now serve the new version
+            r.version = version
+            self.registry.update_replica(r.id, version=version)
+        switch()
+        extra = len(current) - spec.replicas
+        if extra > 0:  # not-ready ones go first, then the newest
+            order = sorted(current, key=lambda r: (r.status == "ready", r.id))
+            await self._drain_and_retire(name, order[:extra])
+        else:
+            added = [self.supervisor.launch(name, version, spec) for _ in range(-extra)]
+            await self.supervisor.wait_ready(added, self.config.startup_timeout)
+        return None  # the version serves already; a replica that fails to start says so itself
+
+    async def _drain_and_retire(self, name: str, replicas: list[ReplicaState]) -> None:
+        for r in replicas:
+            r.draining = True
+        if not await self.routing.drained(replicas, self.config.drain_timeout):
+            self.registry.add_event(
+                name, "drain", f"requests still running after {self.config.drain_timeout:.0f}s"
+            )
+        await self.supervisor.retire(replicas)
+
+    async def stop(self, name: str) -> None:
+        await self._drain_and_retire(name, self.supervisor.of(name))
+
+    async def start(self, name: str, version: int, spec: ServiceSpec) -> None:
+        await self.supervisor.retire(self.supervisor.of(name))  # failed ones, if any
+        await self.deploy(spec, version)
+
+    def forget(self, name: str) -> None:
+        """Nothing is left: `stop` retired every replica (their rows go with the service)."""
+
+    # reading -------------------------------------------------------------------------------------
+    def refresh_status(self, name: str) -> str:
+        return self.supervisor.refresh_status(name)
+
+    def ready(self, name: str, version: int) -> int:
+        return sum(r.version == version and r.serving for r in self.supervisor.of(name))
+
+    def instances(self, name: str, version: int) -> list[dict[str, Any]]:
+        live = {r.id: r for r in self.supervisor.of(name)}
+        return [
+            replica_json(live.get(row.id), row.id, row.version, row.port, row.pid, row.status, row.restarts)
+            for row in self.registry.replicas(name)
+        ]
+
+    def suspect(self, replica: ReplicaState) -> None:
+        self.supervisor.suspect(replica)

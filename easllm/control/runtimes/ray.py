@@ -1,289 +1,311 @@
-"""Replicas on a Ray cluster: each service is one Ray Serve application.
+"""`"runtime": "ray"`: each service is a Ray Serve application on the console's cluster.
 
-The application is one deployment whose replicas run `easllm serve`'s own app and engine
-(runtimes/ray_replica.py), under the route prefix the gateway serves it at, so the gateway sends
-`/api/predict/<name>/...` to Serve's HTTP proxy unchanged and streams and WebSockets pass
-through. Serve owns the replicas: `num_replicas` or `autoscaling_config` and `ray_actor_options`
-come from the spec, an update is `serve.run` with a new deployment version (Serve rolls the
-replicas; a change of replicas alone keeps the version, so Serve only scales), stop and delete
-are `serve.delete`, and status is `serve.status()`.
-
-Ray is imported here only, and every Ray call runs on one worker thread: they block, and Ray
-prefers one caller. The console is a Ray driver: it connects with `ray.init(address=...)`.
+Serve, not the supervisor, owns these replicas (ray_cluster.py talks to it). The
+gateway sends their requests to one `RayEndpoint` per service, Serve's HTTP proxy under the
+service's prefix, which balances over the replicas wherever they run. A loop reads
+`serve.status()` and keeps the endpoint, the service's status and its events up to date; it also
+deploys again an application that vanished from the cluster (a restarted cluster).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import itertools
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
-from easllm.control.runtimes.local import gateway_prefix, serve_command
-from easllm.control.spec import ServiceSpec
+from easllm.control.config import ConsoleConfig
+from easllm.control.registry import Registry, ServiceRecord, UnknownService
+from easllm.control.routing import ReplicaState, RoutingTable, gateway_prefix
+from easllm.control.runtimes.base import Busy, Switch, busy_or_stopped
+from easllm.control.runtimes.ray_cluster import RayAppState, RayCluster, RayUnavailable
+from easllm.control.spec import ServiceSpec, SpecCache
+from easllm.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
-NAMESPACE = "easllm"
-DEPLOYMENT = "easllm"  # the one deployment of each service's application
-MAX_ONGOING_REQUESTS = 100  # per replica; an open WebSocket counts as one for its whole life
-PASSED_ENV = (
-    "EASLLM_HOME",
-    "HF_HOME",
-    "HF_HUB_OFFLINE",
-    "TRANSFORMERS_OFFLINE",
-    "EASLLM_LOG_LEVEL",
-    "EASLLM_KB_DATABASE_URL",  # the knowledge base every replica, on any node, shares
-)
-LOCAL = "local"  # --ray-address local: a private single-node cluster inside the console
-ROUTER = "easllm.control.runtimes.ray_router.ConversationRouter"  # Serve imports it by this path
+SCALE_FIELDS = {"replicas", "autoscaling"}  # changing only these scales; anything else rolls replicas
+POLL = 0.5  # seconds between serve.status() reads
+GONE_GRACE = 10.0  # an application missing this long after its deploy is deployed again
 
 
-class RayUnavailable(RuntimeError):
-    """Ray is not installed, or the cluster cannot be reached."""
+@dataclass(eq=False)
+class RayEndpoint(ReplicaState):
+    """Where the gateway sends a Ray service's requests: Serve's proxy, under the service prefix."""
 
-
-@dataclass(frozen=True)
-class RayAppState:
-    """One Serve application, as `serve.status()` tells it."""
-
-    status: str  # NOT_STARTED DEPLOYING DEPLOY_FAILED RUNNING UNHEALTHY DELETING
-    message: str = ""
-    replicas: dict[str, int] = field(default_factory=dict)  # replica state -> how many
-    deployed_at: float | None = None  # when Serve took the last `serve.run`
+    affinity_by_header: ClassVar[bool] = True  # Serve routes by `serve_multiplexed_model_id`
+    base_url: str = ""
 
     @property
-    def running(self) -> int:
-        return self.replicas.get("RUNNING", 0)
+    def url(self) -> str:
+        return self.base_url
 
 
-def serve_argv(spec: ServiceSpec, data_dir: Path) -> list[str]:
-    """The `easllm serve` flags of a replica: the local runtime's command, without the socket."""
-    cmd = serve_command(spec, 0, data_dir)
-    argv = cmd[cmd.index("serve") + 1 :]
-    for flag in ("--host", "--port"):
-        at = argv.index(flag)
-        del argv[at : at + 2]
-    return argv
-
-
-def replica_env(spec: ServiceSpec) -> dict[str, str]:
-    env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
-    env["PYTHONUNBUFFERED"] = "1"
-    if spec.resources.gpu == 0 and spec.engine != "vllm":
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    return env
-
-
-def deployment_options(
-    spec: ServiceSpec, drain_timeout: float, load_factor: float | None = 1.25
-) -> dict[str, Any]:
-    """`serve.deployment(...)` options of `spec`: replicas or autoscaling, resources, draining,
-    and the router (the gateway's conversation routing with `load_factor`; None: Serve's own)."""
-    actor: dict[str, Any] = {"num_cpus": spec.resources.cpu or 1, "num_gpus": spec.resources.gpu}
-    if spec.resources.memory:
-        actor["memory"] = spec.resources.memory * 2**20  # Ray counts bytes
-    actor["runtime_env"] = {"env_vars": replica_env(spec)}
-    options: dict[str, Any] = {
-        "name": DEPLOYMENT,
-        "ray_actor_options": actor,
-        "max_ongoing_requests": MAX_ONGOING_REQUESTS,
-        "graceful_shutdown_timeout_s": drain_timeout,  # in-flight requests finish before a replica goes
-        "max_surge_percent": 1,  # an update starts one new replica before stopping an old one
-        "max_constructor_retry_count": 3,  # a model that cannot load fails the deploy soon
-    }
-    if load_factor is not None:
-        options["request_router_config"] = {
-            "request_router_class": ROUTER,
-            "request_router_kwargs": {"load_factor": load_factor},
-        }
-    scaling = spec.autoscaling
-    if scaling is None:
-        options["num_replicas"] = spec.replicas
-    else:
-        options["autoscaling_config"] = {
-            "min_replicas": scaling.min_replicas,
-            "max_replicas": scaling.max_replicas,
-            "initial_replicas": min(max(spec.replicas, scaling.min_replicas), scaling.max_replicas),
-            "target_ongoing_requests": scaling.target_ongoing_requests,
-            "upscale_delay_s": scaling.upscale_delay_s,
-            "downscale_delay_s": scaling.downscale_delay_s,
-        }
-    return options
-
-
-def init_options(address: str) -> dict[str, Any]:
-    """`ray.init` keywords: a private head for `local`, else a driver of the cluster at `address`."""
-    options: dict[str, Any] = {
-        "namespace": NAMESPACE,
-        "logging_level": logging.WARNING,
-        "log_to_driver": False,
-    }
-    if address == LOCAL:
-        options.update(include_dashboard=False, _node_ip_address="127.0.0.1")
-        return options
-    options["address"] = address
-    host = urlsplit(f"//{address.removeprefix('ray://')}").hostname or ""
-    if host in ("127.0.0.1", "localhost"):  # Ray swaps loopback for the machine's address, except in
-        # a network namespace that has only loopback: then the driver must say so too
-        options["_node_ip_address"] = "127.0.0.1"
-    return options
+def code_version(spec: ServiceSpec) -> str:
+    """Serve's deployment `version`: it changes when anything but the replica count changes."""
+    code = spec.model_dump_json(exclude=SCALE_FIELDS)
+    return hashlib.sha256(code.encode()).hexdigest()[:12]
 
 
 class RayRuntime:
-    """The console's link to one Ray cluster and its Serve instance."""
+    def __init__(
+        self, config: ConsoleConfig, registry: Registry, routing: RoutingTable, specs: SpecCache, busy: Busy
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.routing = routing
+        self.specs = specs
+        self.busy = busy
+        self.cluster: RayCluster | None = None
+        self.endpoints: dict[str, RayEndpoint] = {}
+        self.states: dict[str, RayAppState | None] = {}
+        self.replicas: dict[str, list[dict[str, Any]]] = {}
+        self._deployed_at: dict[str, float] = {}  # when the console last ran each application
+        self._ids = itertools.count(-1, -1)  # endpoints are no database rows: negative ids
+        self._loop: asyncio.Task[None] | None = None
 
-    def __init__(self, address: str, serve_port: int = 8000, serve_host: str = "127.0.0.1") -> None:
-        self.address = address
-        self.serve_port = serve_port
-        self.serve_host = serve_host
-        self.proxy_url: str | None = None  # Serve's HTTP proxy, once connected
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray")
-        self._connecting: asyncio.Future[None] | None = None
-
-    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
-
-    @property
-    def connected(self) -> bool:
-        return self.proxy_url is not None
-
-    async def connect(self) -> str:
-        """Join the cluster and start Serve (once; concurrent callers share it); the proxy URL."""
-        if self._connecting is None:
-            self._connecting = asyncio.ensure_future(self._call(self._connect))
-        try:
-            await asyncio.shield(self._connecting)
-        except BaseException:
-            self._connecting = None  # the next verb tries again
-            raise
-        assert self.proxy_url is not None
-        return self.proxy_url
-
-    def _connect(self) -> None:
-        try:
-            import ray
-            from ray import serve
-        except ImportError as exc:
-            raise RayUnavailable("runtime ray needs Ray Serve: pip install 'easllm[ray]'") from exc
-        try:
-            if not ray.is_initialized():
-                ray.init(**init_options(self.address))
-            serve.start(
-                proxy_location="HeadOnly",
-                http_options={"host": self.serve_host, "port": self.serve_port},
+    # which cluster -----------------------------------------------------------------------------
+    async def prepare(self, spec: ServiceSpec, old: ServiceSpec | None = None, running: bool = True) -> None:
+        """400 unless this console can reach the cluster `spec` asks for (connecting if need be)."""
+        wanted = spec.ray_address or self.config.ray_address
+        if wanted is None:
+            raise InvalidRequest(
+                'runtime: "ray" needs a Ray cluster: start the console with --ray-address ADDRESS '
+                "(or `local`), or give ray_address in the spec",
+                "runtime",
             )
-        except Exception as exc:
-            raise RayUnavailable(f"cannot use the Ray cluster at {self.address}: {exc}") from exc
-        host, port = self._proxy_address()
-        self.proxy_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
-        log.info("Ray cluster %s: Serve's proxy at %s", self.address, self.proxy_url)
-
-    def _proxy_address(self) -> tuple[str, int]:
-        """Where Serve's proxy listens: ours, or what an earlier console started it with."""
+        if self.cluster is not None and wanted != self.cluster.address:
+            raise InvalidRequest(
+                f"ray_address: this console uses the Ray cluster at {self.cluster.address}, not {wanted}",
+                "ray_address",
+            )
         try:
-            from ray.serve.context import _get_global_client
+            await self._cluster(spec).connect()
+        except RayUnavailable as exc:
+            raise InvalidRequest(f"ray_address: {exc}", "ray_address") from exc
 
-            http = _get_global_client().http_config
-            return http.host, int(http.port)
-        except Exception:  # private API: fall back to what we asked for
-            return self.serve_host, self.serve_port
+    def _cluster(self, spec: ServiceSpec | None = None) -> RayCluster:
+        if self.cluster is None:
+            address = (spec.ray_address if spec else None) or self.config.ray_address
+            assert address, "prepare() refuses ray services without a cluster"
+            self.cluster = RayCluster(address, self.config.ray_serve_port)
+        return self.cluster
+
+    # life of the console -----------------------------------------------------------------------
+    def open(self) -> None:
+        """Start watching (and connecting, when the console was given a cluster)."""
+        if self.config.ray_address:
+            self._cluster()
+        self._loop = asyncio.create_task(self._watch(), name="ray-services")
 
     async def close(self) -> None:
-        """Leave the cluster (Serve applications stay; a private `local` cluster ends)."""
-        if self.connected:
-            import ray
+        if self._loop is not None:
+            self._loop.cancel()
+            await asyncio.gather(self._loop, return_exceptions=True)
+        if self.cluster is None:
+            return
+        if not self.config.keep_replicas and self.cluster.connected:
+            for name in list(self.endpoints):  # as local replicas do, they stop with the console
+                with contextlib.suppress(Exception):
+                    await self.cluster.delete(name)
+        await self.cluster.close()
 
-            await self._call(ray.shutdown)
-            self.proxy_url = None
-        self._pool.shutdown(wait=False)
+    async def adopt(self, record: ServiceRecord) -> None:
+        """A ray service from the database (console start): its endpoint; the loop redeploys it."""
+        self._endpoint(record.name, record.current_version)
+        self.states[record.name] = None
+        if record.desired == "running":
+            self._deployed_at[record.name] = 0.0  # "long ago": deployed again unless Serve runs it
 
-    async def deploy(
-        self,
-        spec: ServiceSpec,
-        code_version: str,
-        data_dir: Path,
-        load_timeout: float,
-        drain_timeout: float,
-        load_factor: float | None = 1.25,
-    ) -> None:
-        """Run `spec` as the application `spec.name` (a new one, or an update of the running one)."""
-        await self.connect()
-        options = deployment_options(spec, drain_timeout, load_factor)
-        argv = serve_argv(spec, data_dir)
-        await self._call(self._run, spec.name, options, code_version, argv, spec.token, load_timeout)
+    def _endpoint(self, name: str, version: int) -> RayEndpoint:
+        endpoint = self.endpoints.get(name)
+        if endpoint is None:
+            endpoint = RayEndpoint(next(self._ids), name, version, 0, "", status="starting")
+            self.endpoints[name] = endpoint
+            self.routing.attach(endpoint)
+        self._aim(endpoint)
+        return endpoint
 
-    def _run(
-        self,
-        name: str,
-        options: dict[str, Any],
-        version: str,
-        argv: list[str],
-        token: str | None,
-        timeout: float,
-    ) -> None:
-        from ray import serve
+    def _aim(self, endpoint: RayEndpoint) -> None:
+        """Point the endpoint at Serve's proxy, once the cluster is connected."""
+        proxy = self.cluster.proxy_url if self.cluster else None
+        if proxy and not endpoint.base_url:
+            endpoint.base_url = f"{proxy}{gateway_prefix(endpoint.service)}"
+            endpoint.port = urlsplit(proxy).port or 80
 
-        from easllm.control.runtimes.ray_replica import ServiceReplica
+    # verbs (the controller holds the service's lock) ----------------------------------------------
+    async def deploy(self, spec: ServiceSpec, version: int) -> None:
+        self._endpoint(spec.name, version)
+        await self._run(spec)
+        self.registry.add_event(spec.name, "deploy", f"version {version} submitted to Ray Serve")
 
-        deployment = serve.deployment(serve.ingress()(ServiceReplica), **options)
-        try:  # without a version, Serve picks a random one per `serve.run` and restarts every replica;
-            # with the same version and other replica counts, it only scales. An internal option.
-            deployment = deployment.options(version=version, _internal=True)
-        except (TypeError, ValueError):
-            log.warning("this Ray Serve takes no deployment version: every update restarts replicas")
-        serve._run(  # serve.run without waiting: the console's loop watches serve.status()
-            deployment.bind(argv, token, timeout),
-            _blocking=False,
-            name=name,
-            route_prefix=gateway_prefix(name),
+    async def _run(self, spec: ServiceSpec) -> None:
+        await self._cluster(spec).deploy(
+            spec,
+            code_version(spec),
+            self.config.data_dir(spec.name),
+            self.config.startup_timeout,
+            self.config.drain_timeout,
+            self.config.routing_load_factor if self.config.routing == "prefix" else None,
         )
+        self._deployed_at[spec.name] = time.monotonic()
+        endpoint = self.endpoints.get(spec.name)
+        if endpoint is not None:
+            self._aim(endpoint)
 
-    async def delete(self, name: str) -> None:
-        """Remove the application and its replicas (after their in-flight requests finish)."""
-        await self.connect()
-        from ray import serve
-
-        await self._call(serve.delete, name)
-
-    async def statuses(self) -> dict[str, RayAppState]:
-        """Every Serve application on the cluster, by name."""
-        await self.connect()
-        from ray import serve
-
-        status = await self._call(serve.status)
-        return {name: _app_state(app) for name, app in status.applications.items()}
-
-    async def replicas(self, name: str) -> list[dict[str, Any]]:
-        """The replicas of one application: id, state, node, pid (empty if Serve cannot say)."""
+    async def roll_out(
+        self, name: str, version: int, previous: int, spec: ServiceSpec, switch: Switch
+    ) -> str | None:
+        """`serve.run` the new version; Serve replaces (or only adds and removes) replicas, keeping
+        the old ones serving until the new ones are up. Failed: the previous version runs again."""
         try:
-            from ray.serve.context import _get_global_client
+            await self._run(spec)
+            why = await self._wait_running(name)
+        except Exception as exc:  # the cluster went away mid-update
+            why = f"{type(exc).__name__}: {exc}"
+        if why is None:
+            switch()
+            self.endpoints[name].version = version
+            return None
+        try:
+            await self._run(self.specs.get(name, previous))
+        except Exception as exc:
+            why += f"; running version {previous} again failed too: {type(exc).__name__}: {exc}"
+        return why
 
-            details = await self._call(lambda: _get_global_client().get_serve_details())
-            deployment = details["applications"][name]["deployments"][DEPLOYMENT]
-        except Exception:  # private API, or no such application
-            return []
+    async def scale(
+        self, name: str, version: int, previous: int, spec: ServiceSpec, switch: Switch
+    ) -> str | None:
+        """The same `serve.run`: an unchanged code version tells Serve to only add or remove replicas."""
+        return await self.roll_out(name, version, previous, spec, switch)
+
+    async def _wait_running(self, name: str) -> str | None:
+        """None once Serve runs the configuration just submitted; else why not. (`serve.run`
+        returns with the application DEPLOYING; RUNNING means every replica is on the new one.)"""
+        assert self.cluster is not None
+        deadline = time.monotonic() + self.config.startup_timeout
+        while time.monotonic() < deadline:
+            state = (await self.cluster.statuses()).get(name)
+            if state is not None and state.status == "RUNNING":
+                return None
+            if state is not None and state.status == "DEPLOY_FAILED":
+                return state.message or "Ray Serve could not deploy it"
+            await asyncio.sleep(POLL)
+        return f"Ray Serve did not run it within {self.config.startup_timeout:.0f}s"
+
+    async def stop(self, name: str) -> None:
+        """Requests in flight through the gateway finish, then the application goes."""
+        endpoint = self.endpoints.get(name)
+        if endpoint is not None:
+            endpoint.draining = True
+            await self.routing.drained([endpoint], self.config.drain_timeout)
+        self._deployed_at.pop(name, None)
+        if self.cluster is not None:
+            await self.cluster.delete(name)
+        if endpoint is not None:
+            endpoint.status, endpoint.draining = "stopped", False
+        self.states[name] = None
+
+    async def start(self, name: str, version: int, spec: ServiceSpec) -> None:
+        await self.prepare(spec)
+        self._endpoint(name, version).version = version
+        await self._run(spec)
+        self.registry.add_event(name, "start", f"version {version} submitted to Ray Serve")
+
+    def forget(self, name: str) -> None:
+        endpoint = self.endpoints.pop(name, None)
+        if endpoint is not None:
+            self.routing.detach(endpoint)
+        self.states.pop(name, None)
+        self.replicas.pop(name, None)
+        self._deployed_at.pop(name, None)
+
+    # reading -----------------------------------------------------------------------------------
+    def ready(self, name: str, version: int) -> int:
+        state = self.states.get(name)
+        return state.running if state is not None else 0
+
+    def instances(self, name: str, version: int) -> list[dict[str, Any]]:
+        endpoint = self.endpoints.get(name)
+        port = endpoint.port if endpoint else 0
         return [
-            {
-                "id": r.get("replica_id"),
-                "status": r.get("state"),
-                "node": r.get("node_ip"),
-                "pid": r.get("pid"),
-                "started": r.get("start_time_s"),
-            }
-            for r in deployment.get("replicas", [])
+            {**r, "version": version, "port": port, "restarts": 0, "runtime": "ray"}
+            for r in self.replicas.get(name, [])
         ]
 
+    def suspect(self, replica: ReplicaState) -> None:
+        """Serve checks its replicas' health itself; the loop reads what it finds."""
 
-def _app_state(app: Any) -> RayAppState:
-    deployment = app.deployments.get(DEPLOYMENT)
-    replicas = dict(deployment.replica_states) if deployment is not None else {}
-    message = app.message or (deployment.message if deployment is not None else "")
-    status = getattr(app.status, "value", str(app.status))
-    return RayAppState(
-        str(status), message, {str(k): v for k, v in replicas.items()}, app.last_deployed_time_s
-    )
+    def refresh_status(self, name: str) -> str:
+        """Derive the service's status from Serve's and write it if it changed."""
+        try:
+            record = self.registry.get(name)
+        except UnknownService:
+            return "deleted"
+        state = self.states.get(name)
+        status = busy_or_stopped(record, self.busy) or _serve_status(state, record.status)
+        if status != record.status:
+            self.registry.update_service(name, status=status)
+            if status in ("running", "failed"):
+                detail = f"{state.running} replica(s) on Ray Serve" if state else ""
+                self.registry.add_event(
+                    name, status, state.message if status == "failed" and state else detail
+                )
+        return status
+
+    # the loop ----------------------------------------------------------------------------------
+    async def _watch(self) -> None:
+        while True:
+            try:
+                await self._check_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("reading Ray Serve's status failed: %s", exc)
+            await asyncio.sleep(POLL if self.endpoints else self.config.health_interval)
+
+    async def _check_once(self) -> None:
+        if self.cluster is None:
+            return
+        if not self.cluster.connected:
+            await self.cluster.connect()
+        states = await self.cluster.statuses()
+        for name, endpoint in list(self.endpoints.items()):
+            state = states.get(name)
+            self._aim(endpoint)
+            try:
+                record = self.registry.get(name)
+            except UnknownService:
+                continue
+            running = record.desired == "running" and name not in self.busy
+            deployed = self._deployed_at.get(name)
+            if (
+                running
+                and state is None
+                and deployed is not None
+                and time.monotonic() - deployed > GONE_GRACE
+            ):
+                self.registry.add_event(name, "restart", "the Serve application was gone; deployed again")
+                await self._run(self.specs.get(name, record.current_version))
+            self.states[name] = state
+            self.replicas[name] = await self.cluster.replicas(name) if state is not None else []
+            if record.desired == "running":
+                endpoint.status = "ready" if state is not None and state.running else "starting"
+            self.refresh_status(name)
+
+
+def _serve_status(state: RayAppState | None, was: str) -> str:
+    """A running service's status from its Serve application's (`was`: the status until now)."""
+    if state is None or state.status in ("NOT_STARTED", "DELETING"):
+        return "deploying"
+    if state.status == "RUNNING":
+        return "running"
+    if state.status == "DEPLOY_FAILED" and not state.running:
+        return "failed"
+    if state.running:
+        return "degraded" if was != "deploying" else "deploying"
+    return "deploying" if was in ("deploying", "stopped") else "degraded"

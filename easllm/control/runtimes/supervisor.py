@@ -21,8 +21,9 @@ from pathlib import Path
 from easllm.control.config import ConsoleConfig
 from easllm.control.registry import Registry, ReplicaRecord, UnknownService
 from easllm.control.routing import ReplicaState, RoutingTable
-from easllm.control.runtimes.local import LocalRuntime
-from easllm.control.spec import ServiceSpec
+from easllm.control.runtimes.base import Busy, busy_or_stopped
+from easllm.control.runtimes.processes import ProcessLauncher
+from easllm.control.spec import ServiceSpec, SpecCache
 
 log = logging.getLogger(__name__)
 TICK = 0.25  # seconds between loop turns; starting replicas are checked every turn
@@ -40,39 +41,36 @@ def log_tail(path: str | Path, lines: int = 12) -> str:
 
 class Supervisor:
     def __init__(
-        self, config: ConsoleConfig, registry: Registry, runtime: LocalRuntime, routing: RoutingTable
+        self,
+        config: ConsoleConfig,
+        registry: Registry,
+        launcher: ProcessLauncher,
+        routing: RoutingTable,
+        specs: SpecCache | None = None,
+        busy: Busy | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
-        self.runtime = runtime
+        self.launcher = launcher
         self.routing = routing
+        self.specs = specs or SpecCache(registry.spec)
+        self.busy: Busy = busy if busy is not None else {}  # the controller's; shown as the status
         self.replicas: dict[int, ReplicaState] = {}
-        self.specs: dict[tuple[str, int], ServiceSpec] = {}
-        self.busy: dict[str, str] = {}  # service -> "updating" | "stopping", shown as its status
         self._next_check: dict[int, float] = {}
         self._streak: dict[int, int] = {}
 
     def of(self, service: str) -> list[ReplicaState]:
         return [r for r in self.replicas.values() if r.service == service]
 
-    def spec(self, service: str, version: int) -> ServiceSpec:
-        key = (service, version)
-        if key not in self.specs:
-            self.specs[key] = self.registry.spec(service, version)
-        return self.specs[key]
-
     # starting and stopping one replica -----------------------------------------------------------
     def launch(self, service: str, version: int, spec: ServiceSpec) -> ReplicaState:
         """A new replica of `spec` (recorded, then started); the loop reports when it is ready."""
-        self.specs[(service, version)] = spec
+        self.specs.put(service, version, spec)
         log_dir = self.config.log_dir(service)
         record = self.registry.add_replica(service, version, 0, str(log_dir / "pending.log"))
         log_path = str(log_dir / f"replica-{record.id}.log")
         replica = ReplicaState(record.id, service, version, 0, log_path)
-        self.replicas[replica.id] = replica
-        route = self.routing.route(service)
-        if route is not None:
-            route.replicas.append(replica)
+        self._track(replica)
         self._start_process(replica, spec)
         return replica
 
@@ -100,19 +98,17 @@ class Supervisor:
             record.id, service, record.version, 0, record.log_path, restarts=record.restarts
         )
         self._track(replica)
-        self._start_process(replica, self.spec(service, record.version))
+        self._start_process(replica, self.specs.get(service, record.version))
         why = "stopped with the console" if record.pid is None else f"pid {record.pid} was gone"
         self.registry.add_event(service, "restart", f"replica {record.id}: {why}; started again")
         return replica
 
     def _track(self, replica: ReplicaState) -> None:
         self.replicas[replica.id] = replica
-        route = self.routing.route(replica.service)
-        if route is not None:
-            route.replicas.append(replica)
+        self.routing.attach(replica)
 
     def _start_process(self, replica: ReplicaState, spec: ServiceSpec) -> None:
-        launch = self.runtime.start(
+        launch = self.launcher.start(
             spec,
             Path(replica.log_path),
             self.config.data_dir(replica.service),
@@ -142,10 +138,8 @@ class Supervisor:
         """Stop these replicas' processes (concurrently) and forget them."""
         for r in replicas:
             r.draining, r.status = True, "stopped"
-            route = self.routing.route(r.service)
-            if route is not None and r in route.replicas:
-                route.replicas.remove(r)
-        await asyncio.gather(*(self.runtime.stop(r.pid, r.pid_started) for r in replicas))
+            self.routing.detach(r)
+        await asyncio.gather(*(self.launcher.stop(r.pid, r.pid_started) for r in replicas))
         for r in replicas:
             self.replicas.pop(r.id, None)
             self._next_check.pop(r.id, None)
@@ -195,15 +189,15 @@ class Supervisor:
         if r.restart_at is not None:
             if now >= r.restart_at and r.id in self.replicas and not r.draining:
                 r.restarts += 1
-                self._start_process(r, self.spec(r.service, r.version))
+                self._start_process(r, self.specs.get(r.service, r.version))
             return
-        if not self.runtime.alive(r.pid, r.pid_started):
-            code = self.runtime.exit_code(r.pid) if r.pid else None
+        if not self.launcher.alive(r.pid, r.pid_started):
+            code = self.launcher.exit_code(r.pid) if r.pid else None
             if r.pid:
-                self.runtime.forget(r.pid)
+                self.launcher.forget(r.pid)
             self._died(r, code, f"exited with status {code}" if code is not None else "process is gone")
             return
-        state, detail = await self.runtime.health(r.port)
+        state, detail = await self.launcher.health(r.port)
         self._next_check[r.id] = now + (self.config.health_interval if state == "ready" else TICK)
         if state == "ready":
             r.down_since = None
@@ -212,16 +206,16 @@ class Supervisor:
             elif r.ready_since and now - r.ready_since > HEALTHY_RESETS_STREAK:
                 self._streak[r.id] = 0
         elif state == "failed":
-            await self.runtime.stop(r.pid, r.pid_started, grace=2)
+            await self.launcher.stop(r.pid, r.pid_started, grace=2)
             self._died(r, None, f"the model failed to load: {detail}")
         elif r.status == "ready" or r.status == "unhealthy":
             r.down_since = r.down_since or now
             self._set_status(r, "unhealthy")
             if now - r.down_since > DOWN_GRACE:
-                await self.runtime.stop(r.pid, r.pid_started, grace=2)
+                await self.launcher.stop(r.pid, r.pid_started, grace=2)
                 self._died(r, None, f"/health failed for {DOWN_GRACE:.0f}s ({detail or state})")
         elif now - r.started_at > self.config.startup_timeout:
-            await self.runtime.stop(r.pid, r.pid_started, grace=2)
+            await self.launcher.stop(r.pid, r.pid_started, grace=2)
             self._died(r, None, f"not ready after {self.config.startup_timeout:.0f}s")
 
     def _ready(self, r: ReplicaState) -> None:
@@ -249,6 +243,7 @@ class Supervisor:
             r.detail = f"{why}; gave up after {r.failed_starts} failed start(s)\n{tail}"
             self._set_status(r, "failed", exit_code=code)
             self.registry.add_event(r.service, "failed", f"replica {r.id} {r.detail}")
+            self.refresh_status(r.service)  # at once: no reader sees a failed replica of a deploying service
             return
         delay = min(2.0 ** (streak - 1), 30.0)
         r.restart_at = time.monotonic() + delay
@@ -269,14 +264,11 @@ class Supervisor:
             record = self.registry.get(service)
         except UnknownService:
             return "deleted"
-        if service in self.busy:
-            status = self.busy[service]
-        elif record.desired == "stopped":
-            status = "stopped"
-        else:
+        status = busy_or_stopped(record, self.busy)
+        if status is None:
             current = [r for r in self.of(service) if r.version == record.current_version and not r.draining]
             ready = sum(r.status == "ready" for r in current)
-            wanted = self.spec(service, record.current_version).replicas
+            wanted = self.specs.get(service, record.current_version).replicas
             if ready >= wanted:
                 status = "running"
             elif current and all(r.status == "failed" for r in current):
