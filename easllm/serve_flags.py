@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from easllm.config import (
@@ -28,10 +29,12 @@ REPLICA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 EMBEDDING_MODELS = ("multilingual-e5-small", "all-minilm-l6-v2")
 
 
-def _ranged(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False):
+def _ranged(
+    kind: type[float] | type[int], low: float | None = None, high: float | None = None, low_open: bool = False
+) -> Callable[[str], float | int]:
     def parse(text: str) -> float | int:
         try:
-            value = kind(text)
+            value: float | int = kind(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from exc
         too_low = low is not None and (value <= low if low_open else value < low)

@@ -41,7 +41,8 @@ router = APIRouter(prefix="/api", dependencies=[Depends(require_admin)], tags=["
 
 
 def _controller(request: Request) -> Controller:
-    return request.app.state.console.controller
+    controller: Controller = request.app.state.console.controller
+    return controller
 
 
 async def _json_object(request: Request) -> dict[str, Any]:

@@ -57,28 +57,33 @@ class ConsoleClient:
             raise _error(r)
         return r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
 
+    def _object(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        body: dict[str, Any] = self.request(method, path, **kwargs)
+        return body
+
     def list(self) -> list[dict[str, Any]]:
-        return self.request("GET", "/api/services")
+        services: list[dict[str, Any]] = self.request("GET", "/api/services")
+        return services
 
     def describe(self, name: str) -> dict[str, Any]:
-        return self.request("GET", f"/api/services/{name}")
+        return self._object("GET", f"/api/services/{name}")
 
     def deploy(self, spec: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
-        return self.request(
+        return self._object(
             "POST", "/api/services", json=spec, params={"dry_run": "true"} if dry_run else None
         )
 
     def update(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
-        return self.request("PATCH", f"/api/services/{name}", json=changes)
+        return self._object("PATCH", f"/api/services/{name}", json=changes)
 
     def stop(self, name: str) -> dict[str, Any]:
-        return self.request("POST", f"/api/services/{name}/stop")
+        return self._object("POST", f"/api/services/{name}/stop")
 
     def start(self, name: str) -> dict[str, Any]:
-        return self.request("POST", f"/api/services/{name}/start")
+        return self._object("POST", f"/api/services/{name}/start")
 
     def delete(self, name: str) -> dict[str, Any]:
-        return self.request("DELETE", f"/api/services/{name}")
+        return self._object("DELETE", f"/api/services/{name}")
 
     def logs(
         self, name: str, tail: int = 100, follow: bool = False, replica: int | None = None

@@ -73,7 +73,8 @@ def read_gguf_header(path: Path) -> dict[str, object]:
 
 
 def _u32(f: BinaryIO) -> int:
-    return struct.unpack("<I", _exact(f, 4))[0]
+    value: int = struct.unpack("<I", _exact(f, 4))[0]
+    return value
 
 
 def _exact(f: BinaryIO, n: int) -> bytes:

@@ -25,6 +25,10 @@ GPU_CLASSES_GB = (16, 24, 40, 48, 80, 141)
 ENGINE_MODULES = {"llamacpp": "llama_cpp", "transformers": "transformers", "vllm": "vllm"}
 
 
+def gb(n: float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
 @dataclass(frozen=True)
 class Problem:
     param: str
@@ -55,7 +59,6 @@ class Recommendation:
         return {**asdict(self), "fits": self.fits}
 
     def summary(self) -> str:
-        gb = lambda n: f"{n / GIB:.2f} GiB"  # noqa: E731
         rec = self.recommended
         lines = [
             f"model {self.model} ({self.params_b or '?'}B parameters, {self.precision}) on {self.engine}, "

@@ -94,7 +94,7 @@ class RoutingTable:
         self.load_factor = load_factor
         self.routes: dict[str, ServiceRoute] = {}
         self._turn = itertools.count()
-        self._rings: dict[frozenset[int], HashRing] = {}
+        self._rings: dict[frozenset[int], HashRing[int]] = {}
 
     def route(self, name: str) -> ServiceRoute | None:
         return self.routes.get(name)
@@ -162,7 +162,7 @@ class RoutingTable:
                     return r
         return self._least_loaded(candidates)
 
-    def _ring(self, candidates: list[ReplicaState]) -> HashRing:
+    def _ring(self, candidates: list[ReplicaState]) -> HashRing[int]:
         members = frozenset(r.id for r in candidates)
         ring = self._rings.get(members)
         if ring is None:

@@ -184,8 +184,8 @@ def invalid_from(exc: ValidationError, param_prefix: str = "") -> InvalidRequest
     return InvalidRequest(f"{param_prefix}{field}: {message}", param_prefix + field)
 
 
-def merge_update(spec: ServiceSpec, changes: dict[str, object]) -> ServiceSpec:
-    """The spec of the next version: `changes` over `spec` (name cannot change)."""
+def merge_update(spec: ServiceSpec, changes: object) -> ServiceSpec:
+    """The spec of the next version: `changes` (a JSON object) over `spec` (name cannot change)."""
     if not isinstance(changes, dict) or not changes:
         raise InvalidRequest("an update needs at least one field to change", None)
     if "name" in changes and changes["name"] != spec.name:

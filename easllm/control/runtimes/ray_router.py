@@ -27,7 +27,7 @@ CONVERSATION_PREFIX = "conversation:"
 class ConversationRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, load_factor: float = 1.25, **_: object) -> None:
         self.load_factor = load_factor
-        self._rings: dict[frozenset[str], HashRing] = {}
+        self._rings: dict[frozenset[str], HashRing[str]] = {}
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -48,7 +48,7 @@ class ConversationRouter(FIFOMixin, RequestRouter):
     def _load(self, replica: RunningReplica) -> int:
         return self.replica_queue_len_cache.get(replica.replica_id) or 0
 
-    def _ring(self, members: frozenset[str]) -> HashRing:
+    def _ring(self, members: frozenset[str]) -> HashRing[str]:
         rings = getattr(self, "_rings", None)
         if rings is None:
             rings = self._rings = {}
