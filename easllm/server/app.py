@@ -17,6 +17,7 @@ from easllm.history.export import HistoryExporter
 from easllm.logs import redact_secrets
 from easllm.rag.embedder import SharedEmbedder
 from easllm.rag.knowledge import KnowledgeBase
+from easllm.server.abuse import AbuseThrottle, RefusalBudget
 from easllm.server.access_log import AccessLog
 from easllm.server.auth import require_token, serve_openapi
 from easllm.server.browser import BrowserGuard
@@ -85,6 +86,8 @@ def create_app(config: ServerConfig, engine: Engine) -> FastAPI:
     )
     if config.cors_origins:  # closed by default: no browser page of another origin reads a reply
         app.add_middleware(ApiCORS, origins=config.cors_origins)
+    app.state.refusals = RefusalBudget.from_config(config.limits)  # None: --abuse-rate 0
+    app.add_middleware(AbuseThrottle, budget=app.state.refusals)  # outside the limits: a wait holds no slot
     app.add_middleware(AccessLog, metrics=app.state.metrics)
     install_error_handlers(app)
     serve_openapi(app, require_token)

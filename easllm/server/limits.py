@@ -123,7 +123,7 @@ class RequestLimits:
         declared = _content_length(scope)
         message = f"the request body is over the limit of {limit} bytes ({flag})"
         if declared is not None and declared > limit:
-            await _send_error(send, 413, f"{message}: Content-Length is {declared}", "body")
+            await send_error(send, 413, f"{message}: Content-Length is {declared}", "body")
             return
         received = 0
         refused = False  # we answered 413 or 408: the app sees a vanished client, its replies are dropped
@@ -136,7 +136,7 @@ class RequestLimits:
             refused = True
             if not started:
                 log.info("refused a body on %s: %s", path, text)
-                await _send_error(send, status, text, "body")
+                await send_error(send, status, text, "body")
             return {"type": "http.disconnect"}
 
         async def limited_receive() -> Message:
@@ -179,19 +179,28 @@ class RequestLimits:
         )
         log.warning("refused a %s request: %d in progress", scope["type"], self.active)
         if scope["type"] == "http":
-            await _send_error(send, 503, text, None)
+            await send_error(send, 503, text, None)
         elif "websocket.http.response" in scope.get("extensions", {}):
-            await _send_error(send, 503, text, None, prefix="websocket.")
+            await send_error(send, 503, text, None, prefix="websocket.")
         else:
             await send({"type": "websocket.close", "code": CLOSE_TRY_AGAIN, "reason": "server busy"})
 
 
-async def _send_error(send: Send, status: int, text: str, param: str | None, prefix: str = "") -> None:
+async def send_error(
+    send: Send,
+    status: int,
+    text: str,
+    param: str | None,
+    prefix: str = "",
+    retry_after: int = 1,
+    close: bool = False,
+) -> None:
+    """An error answered at the ASGI edge; `close`: the body is not read, the connection ends."""
     body = _json(status, text, param)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status in (429, 503):
-        headers.append((b"retry-after", b"1"))
-    if status in (408, 413):
+        headers.append((b"retry-after", str(retry_after).encode()))
+    if close or status in (408, 413):
         headers.append((b"connection", b"close"))  # the rest of the body is not read
     await send({"type": f"{prefix}http.response.start", "status": status, "headers": headers})
     await send({"type": f"{prefix}http.response.body", "body": body})
