@@ -36,6 +36,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from itertools import islice
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -104,6 +105,8 @@ class RefusalBudget:
     def charge(self, client: str, cost: float) -> None:
         bucket = self._current(client)
         if bucket is None:
+            for oldest in list(islice(self._buckets, 2)):  # forget refilled buckets as new ones come
+                self._current(oldest)
             bucket = _Bucket(self.burst, self.clock())
             self._buckets[client] = bucket
             while len(self._buckets) > self.max_clients:
