@@ -234,7 +234,7 @@ class _Socket:
         async def throttled_receive() -> Message:
             message = await receive()
             if message["type"] == "websocket.receive":
-                self.received += len(message.get("bytes") or b"") + len((message.get("text") or "").encode())
+                self.received += len(message.get("bytes") or b"") + len(message.get("text") or "")
                 if self.budget.wait(self.client) > 0:  # no cap: one reader per connection waits
                     await self.budget.sleep(self.budget.wait(self.client))
             return message
