@@ -3,10 +3,15 @@
     .venv/bin/python bench/hostile.py                        # gemma3-270m on llama.cpp
     .venv/bin/python bench/hostile.py --engine fake          # the server alone, no model
     .venv/bin/python bench/hostile.py --samples 3 --attackers 1 --only deep_json,slow_post   # smoke
+    .venv/bin/python bench/hostile.py --pin                  # the attackers on one core of their own
+    .venv/bin/python bench/hostile.py --abuse-rate 0         # without the abuse throttle, to compare
 
 Starts `easllm serve` on a free loopback port (with a token, so wrong tokens can be tried). First
 the normal request alone (`--samples` times, the median is the baseline), then for each attack:
-`--attackers` hostile clients loop on it while the normal request is measured again. Attacks that
+`--attackers` hostile clients loop on it while the normal request is measured again. The hostile
+clients connect from 127.0.0.2 (the normal one from 127.0.0.1), so the server's per-client limits
+see two clients, and run in their own process; `--pin` pins that process to one core (the last),
+as an attacker on another machine would take none of the server's. Attacks that
 also generate text (a stream with the largest history allowed, the most stop strings allowed) are
 measured beside a benign twin too (the same generation without the hostile part), since any
 second generation shares the CPU: `vs twin` is the hostile part's own cost.
@@ -44,6 +49,7 @@ from easllm.protocol.validation import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from tests.servers import Server, running_server
 
 TOKEN = "hostile-bench-token"
+ATTACKER_ADDRESS = "127.0.0.2"  # another client than the normal one (127.0.0.1), on the loopback
 AUTH = {"Authorization": TOKEN}
 PROMPT = "The three most important rules of cooking are"
 
@@ -130,7 +136,7 @@ async def wrong_tokens(client: httpx.AsyncClient, server: Server, tally: Tally, 
 async def slow_post(client: httpx.AsyncClient, server: Server, tally: Tally, _: int) -> None:
     """A body that trickles in a byte a second: the server cuts it off (408) after --body-timeout."""
     host, port = server.url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await asyncio.open_connection(host, int(port), local_addr=(ATTACKER_ADDRESS, 0))
     head = f"POST / HTTP/1.1\r\nHost: {host}\r\nAuthorization: {TOKEN}\r\nContent-Type: application/json\r\n"
     writer.write((head + "Content-Length: 100000\r\n\r\n").encode())
     try:
@@ -154,7 +160,9 @@ async def websocket_flood(client: httpx.AsyncClient, server: Server, tally: Tall
     """Messages sent far ahead of their answers: the server closes the connection (1008)."""
     url = server.url.replace("http", "ws", 1) + "/"
     try:
-        async with connect(url, additional_headers=AUTH, max_size=None) as ws:
+        async with connect(
+            url, additional_headers=AUTH, max_size=None, local_addr=(ATTACKER_ADDRESS, 0)
+        ) as ws:
             for _ in range(200):
                 await ws.send("x" * 100_000)
             async for _ in ws:
@@ -205,7 +213,8 @@ async def attack_loops(name: str, url: str, attackers: int, tokens: int, stop: A
     server = Server(url, TOKEN, None, Path(os.devnull))  # type: ignore[arg-type]
     hostile = Tally()
     limits = httpx.Limits(max_connections=attackers + 4)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+    transport = httpx.AsyncHTTPTransport(local_address=ATTACKER_ADDRESS, limits=limits)
+    async with httpx.AsyncClient(timeout=300, transport=transport) as client:
 
         async def loop() -> None:
             ready.set()  # the first attack is on its way
@@ -220,15 +229,21 @@ async def attack_loops(name: str, url: str, attackers: int, tokens: int, stop: A
 
 
 def attacker_process(
-    name: str, url: str, attackers: int, tokens: int, stop: Any, ready: Any, results: Any
+    name: str, url: str, attackers: int, tokens: int, stop: Any, ready: Any, results: Any, pin: bool
 ) -> None:
     """The hostile clients run in their own process, so their work does not slow the measuring one."""
+    if pin:
+        os.sched_setaffinity(0, {attacker_core()})
     tally = asyncio.run(attack_loops(name, url, attackers, tokens, stop, ready))
     results.put((tally.sent, dict(tally.statuses)))
 
 
+def attacker_core() -> int:
+    return max(os.sched_getaffinity(0))
+
+
 def measure(
-    server: Server, attack: str | None, attackers: int, samples: int, tokens: int
+    server: Server, attack: str | None, attackers: int, samples: int, tokens: int, pin: bool = False
 ) -> tuple[float, Tally, Tally]:
     """Median latency of `samples` normal requests while `attackers` clients loop on `attack`."""
     hostile, normal_tally = Tally(), Tally()
@@ -237,7 +252,7 @@ def measure(
     process = None
     if attack is not None:
         process = ctx.Process(
-            target=attacker_process, args=(attack, server.url, attackers, tokens, stop, ready, results)
+            target=attacker_process, args=(attack, server.url, attackers, tokens, stop, ready, results, pin)
         )
         process.start()
         if not ready.wait(120):
@@ -268,6 +283,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--only", default="", help="comma-separated attacks; default all: " + ",".join(ATTACKS))
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--pin", action="store_true", help="pin the attackers' process to one core (the last)")
+    ap.add_argument("--abuse-rate", type=float, default=None, help="the server's --abuse-rate (0: off)")
     args = ap.parse_args()
     chosen = [a for a in args.only.split(",") if a] or list(ATTACKS)
     serve = ["--api-only", "--log-level", "WARNING", "--max-new-tokens", str(args.tokens)]
@@ -278,9 +295,13 @@ def main() -> int:
     )
     if args.threads:
         serve += ["--threads", str(args.threads)]
+    if args.abuse_rate is not None:
+        serve += ["--abuse-rate", str(args.abuse_rate)]
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     print(
-        f"hostile: {args.engine}, {args.attackers} attackers, {args.samples} samples, "
+        f"hostile: {args.engine}, {args.attackers} attackers from {ATTACKER_ADDRESS}"
+        f"{f' pinned to core {attacker_core()}' if args.pin else ''}, {args.samples} samples, "
+        f"abuse rate {'default' if args.abuse_rate is None else args.abuse_rate}, "
         f"load {os.getloadavg()[0]:.1f}"
     )
     failed = False
@@ -298,10 +319,14 @@ def main() -> int:
         worst = 0.0
         for name in chosen:
             twin = TWIN_OF.get(name)
-            latency, hostile, normals = measure(server, name, args.attackers, args.samples, args.tokens)
+            latency, hostile, normals = measure(
+                server, name, args.attackers, args.samples, args.tokens, args.pin
+            )
             twin_text = ""
             if twin is not None:
-                twin_latency, _, _ = measure(server, twin, args.attackers, args.samples, args.tokens)
+                twin_latency, _, _ = measure(
+                    server, twin, args.attackers, args.samples, args.tokens, args.pin
+                )
                 twin_text = f"{latency / twin_latency:.2f}x"
             errors = hostile.server_errors + normals.server_errors
             failed |= errors > 0

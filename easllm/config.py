@@ -68,6 +68,10 @@ class LimitsConfig:
     max_connections: int = 512  # HTTP requests in progress plus open WebSockets; one more gets 503
     ws_max_pending: int = 64  # messages one WebSocket may queue unanswered; one more closes it (1008)
     body_timeout: float = 60.0  # seconds for an ordinary body, and for each piece of an upload (408)
+    # A client (address) whose requests are refused (4xx) faster than abuse_rate a second, after a
+    # burst of abuse_burst, has its next requests delayed, then 429 (server/abuse.py); 0 disables.
+    abuse_rate: float = 10.0
+    abuse_burst: int = 20
 
 
 @dataclass(frozen=True)

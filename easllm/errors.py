@@ -101,12 +101,13 @@ class Failure:
     status: int
     message: str
     param: str | None = None
+    retry_after: int | None = None  # seconds; 429 and 503 get RETRY_AFTER unless told otherwise
     type: str = field(init=False)
-    retry_after: int | None = field(init=False)  # seconds; set for 429 and 503
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "type", ERROR_TYPES.get(self.status, "server_error"))
-        object.__setattr__(self, "retry_after", RETRY_AFTER if self.status in (429, 503) else None)
+        if self.status in (429, 503) and self.retry_after is None:
+            object.__setattr__(self, "retry_after", RETRY_AFTER)
 
     def body(self) -> dict[str, object]:
         """The JSON error object every API answers with (OpenAI's shape)."""

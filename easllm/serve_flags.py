@@ -354,6 +354,21 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "(default %(default)s)",
     )
     lim.add_argument(
+        "--abuse-rate",
+        type=_ranged(float, 0),
+        default=10.0,
+        help="refused requests (4xx but 401 and 429) a client address may make a second, after "
+        "--abuse-burst; beyond it its requests are delayed, then 429 with Retry-After "
+        "(0 disables; default %(default)s)",
+    )
+    lim.add_argument(
+        "--abuse-burst",
+        type=_ranged(int, 0),
+        default=20,
+        help="refused requests a client address may make at once before --abuse-rate applies "
+        "(0 disables; default %(default)s)",
+    )
+    lim.add_argument(
         "--cors-origin",
         action="append",
         default=[],
@@ -420,6 +435,8 @@ def configs_from(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
             max_upload_files=args.max_upload_files,
             max_connections=args.max_connections,
             ws_max_pending=args.ws_max_pending,
+            abuse_rate=args.abuse_rate,
+            abuse_burst=args.abuse_burst,
         ),
         cors_origins=tuple(args.cors_origin),
         allowed_hosts=tuple(h.strip() for value in args.allowed_hosts for h in value.split(",") if h.strip()),

@@ -16,6 +16,7 @@ from easllm.history.export import HistoryExporter
 from easllm.logs import redact_secrets
 from easllm.rag.embedder import SharedEmbedder
 from easllm.rag.knowledge import KnowledgeBase
+from easllm.server.abuse import AbuseThrottle, RefusalBudget
 from easllm.server.access_log import AccessLog
 from easllm.server.auth import require_token, serve_openapi
 from easllm.server.browser import BrowserGuard
@@ -74,6 +75,7 @@ def create_api_app(config: ServerConfig, engine: Engine) -> FastAPI:
     )
     if config.cors_origins:  # closed by default: no browser page of another origin reads a reply
         app.add_middleware(ApiCORS, origins=config.cors_origins)
+    app.add_middleware(AbuseThrottle, budget=state.refusals)  # outside the limits: a wait holds no slot
     app.add_middleware(AccessLog, metrics=state.metrics)
     install_error_handlers(app)
     serve_openapi(app, require_token)
@@ -109,6 +111,7 @@ def _service_state(config: ServerConfig, engine: Engine) -> ServiceState:
         engine_watch=EngineWatch(progress),
         ws_pending=PendingBytes(),
         failed_tokens=FailedTokens(),
+        refusals=RefusalBudget.from_config(config.limits),
     )
 
 

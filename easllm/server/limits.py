@@ -32,6 +32,8 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from easllm.config import ServerConfig
+from easllm.errors import Failure
+from easllm.server.errors import failure_headers
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +63,6 @@ def app_path(scope: Scope) -> str:
     path: str = scope.get("path", "")
     root: str = scope.get("root_path", "")
     return path[len(root) :] if root and path.startswith(root) else path
-
-
-def _json(status: int, message: str, param: str | None) -> bytes:
-    from easllm.server.errors import error_body
-
-    return json.dumps(error_body(status, message, param)).encode()
 
 
 class RequestLimits:
@@ -123,7 +119,7 @@ class RequestLimits:
         declared = _content_length(scope)
         message = f"the request body is over the limit of {limit} bytes ({flag})"
         if declared is not None and declared > limit:
-            await _send_error(send, 413, f"{message}: Content-Length is {declared}", "body")
+            await send_error(send, 413, f"{message}: Content-Length is {declared}", "body")
             return
         received = 0
         refused = False  # we answered 413 or 408: the app sees a vanished client, its replies are dropped
@@ -136,7 +132,7 @@ class RequestLimits:
             refused = True
             if not started:
                 log.info("refused a body on %s: %s", path, text)
-                await _send_error(send, status, text, "body")
+                await send_error(send, status, text, "body")
             return {"type": "http.disconnect"}
 
         async def limited_receive() -> Message:
@@ -179,19 +175,28 @@ class RequestLimits:
         )
         log.warning("refused a %s request: %d in progress", scope["type"], self.active)
         if scope["type"] == "http":
-            await _send_error(send, 503, text, None)
+            await send_error(send, 503, text, None)
         elif "websocket.http.response" in scope.get("extensions", {}):
-            await _send_error(send, 503, text, None, prefix="websocket.")
+            await send_error(send, 503, text, None, prefix="websocket.")
         else:
             await send({"type": "websocket.close", "code": CLOSE_TRY_AGAIN, "reason": "server busy"})
 
 
-async def _send_error(send: Send, status: int, text: str, param: str | None, prefix: str = "") -> None:
-    body = _json(status, text, param)
+async def send_error(
+    send: Send,
+    status: int,
+    text: str,
+    param: str | None,
+    prefix: str = "",
+    retry_after: int = 1,
+    close: bool = False,
+) -> None:
+    """An error answered at the ASGI edge; `close`: the body is not read, the connection ends."""
+    failed = Failure(status, text, param, retry_after)
+    body = json.dumps(failed.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if status in (429, 503):
-        headers.append((b"retry-after", b"1"))
-    if status in (408, 413):
+    headers += [(k.lower().encode(), v.encode()) for k, v in failure_headers(failed).items()]
+    if close or status in (408, 413):
         headers.append((b"connection", b"close"))  # the rest of the body is not read
     await send({"type": f"{prefix}http.response.start", "status": status, "headers": headers})
     await send({"type": f"{prefix}http.response.body", "body": body})

@@ -15,6 +15,7 @@ from easllm.engine.base import Engine
 from easllm.history.export import HistoryExporter
 from easllm.rag.embedder import SharedEmbedder
 from easllm.rag.knowledge import KnowledgeBase
+from easllm.server.abuse import RefusalBudget
 from easllm.server.access_log import request_info
 from easllm.server.lockout import FailedTokens
 from easllm.server.metrics import ServiceMetrics
@@ -37,6 +38,7 @@ class ServiceState:
     engine_watch: EngineWatch
     ws_pending: PendingBytes
     failed_tokens: FailedTokens
+    refusals: RefusalBudget | None  # the abuse throttle's buckets; None: --abuse-rate 0
     load_error: str | None = None  # why the model failed to load
     webui: Any = None  # webui.mount.LazyWebUI once mounted (imports Gradio)
 

@@ -16,7 +16,6 @@ tokens (`server/lockout.py`): a client that keeps failing waits out a back-off b
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 
@@ -24,6 +23,7 @@ from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from easllm.server.auth import token_matches
+from easllm.server.limits import send_error
 from easllm.server.lockout import FailedTokens, busy_message
 
 log = logging.getLogger(__name__)
@@ -74,13 +74,13 @@ class WebUIGate:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008, "reason": "log in to the WebUI first"})
             return
-        await _refuse(send, 401, "log in to the WebUI first (the service token is the password)")
+        await send_error(send, 401, "log in to the WebUI first (the service token is the password)", None)
 
     async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Gradio checks the password (200 logged in, 400 wrong); a wrong one waits out the back-off."""
         client = scope["client"][0] if scope.get("client") else None
         if not self.failures.hold(client):
-            await _refuse(send, 429, busy_message(), [(b"retry-after", b"1")])
+            await send_error(send, 429, busy_message(), None)
             return
 
         async def observed(message: Message) -> None:
@@ -134,16 +134,6 @@ class WebUIGate:
             if value and value in tokens:
                 return True
         return False
-
-
-async def _refuse(
-    send: Send, status: int, message: str, extra: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    kind = {401: "authentication_error", 429: "rate_limit_error"}[status]
-    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})
-    await send({"type": "http.response.body", "body": body})
 
 
 def route_path(scope: Scope) -> str:
