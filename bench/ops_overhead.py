@@ -39,7 +39,7 @@ from easllm.config import EngineConfig, SamplingDefaults, ServerConfig, easllm_h
 from easllm.engine.base import Engine
 from easllm.engine.factory import build_engine
 from easllm.engine.types import FinishReason, GenerationRequest, TokenDelta, Usage
-from easllm.history.export import HistoryExporter
+from easllm.export.exporter import HistoryExporter
 from easllm.models.resolve import resolve_model
 from easllm.server.access_log import AccessLog
 from easllm.server.metrics import ServiceMetrics

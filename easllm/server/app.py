@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from easllm import __version__
 from easllm.config import ServerConfig
 from easllm.engine.base import Engine
-from easllm.history.export import HistoryExporter
+from easllm.export.exporter import HistoryExporter
 from easllm.logs import redact_secrets
 from easllm.rag.embedder import SharedEmbedder
 from easllm.rag.knowledge import KnowledgeBase

@@ -28,7 +28,7 @@ from prometheus_client.utils import floatToGoString
 from easllm.engine.base import Engine
 
 if TYPE_CHECKING:
-    from easllm.history.export import HistoryExporter
+    from easllm.export.exporter import HistoryExporter
     from easllm.rag.knowledge import KnowledgeBase
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from starlette.requests import HTTPConnection, Request
 
 from easllm.config import ServerConfig
 from easllm.engine.base import Engine
-from easllm.history.export import HistoryExporter
+from easllm.export.exporter import HistoryExporter
 from easllm.rag.embedder import SharedEmbedder
 from easllm.rag.knowledge import KnowledgeBase
 from easllm.server.abuse import RefusalBudget

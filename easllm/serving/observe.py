@@ -24,8 +24,8 @@ from easllm.chat.template import Conversation
 from easllm.engine.base import Engine
 from easllm.engine.types import EngineHealth, FinishReason, GenerationRequest, TokenDelta, Usage
 from easllm.errors import NotReady
-from easllm.history.export import HistoryExporter
-from easllm.history.record import RoundRecord
+from easllm.export.exporter import HistoryExporter
+from easllm.export.record import RoundRecord
 from easllm.serving.caller import Caller
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from easllm.chat.template import BuiltPrompt, Conversation, Message, PromptBuild
 from easllm.engine.base import Engine
 from easllm.engine.types import GenerationRequest, SamplingParams
 from easllm.errors import InvalidRequest, NotReady
-from easllm.history.record import conversation_from_messages
+from easllm.export.record import conversation_from_messages
 from easllm.rag.grounding import grounded_completion, grounded_question, grounded_system
 from easllm.serving.tools import ChatTools, tool_prompt
 

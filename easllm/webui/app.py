@@ -15,7 +15,7 @@ from easllm.config import ServerConfig
 from easllm.engine.base import Engine
 from easllm.errors import NotReady
 from easllm.server.state import ServiceState
-from easllm.webui.chat_tab import ChatRunner, ParameterControls, build_chat_panel
+from easllm.webui.chat_tab import ChatResponder, ParameterControls, build_chat_panel
 from easllm.webui.knowledge_tab import build_knowledge_tab
 from easllm.webui.messages import default_controls, md_escape
 
@@ -80,8 +80,8 @@ def build_blocks(state: ServiceState) -> gr.Blocks:
                 )
         with gr.Tabs():
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
-                runner = ChatRunner(state.chat)
-                build_chat_panel(runner, controls, "chat", "Type a message and press Send…")
+                responder = ChatResponder(state.chat)
+                build_chat_panel(responder, controls, "chat", "Type a message and press Send…")
             with gr.Tab("Knowledge base (LangChain)", id="knowledge", elem_id="tab-knowledge"):
                 table, chosen, status, actions = build_knowledge_tab(state.knowledge, state.chat, controls)
 

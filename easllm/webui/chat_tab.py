@@ -50,7 +50,7 @@ class ParameterControls:
         return [self.system_prompt, self.max_new_tokens, self.temperature, self.top_p, self.top_k]
 
 
-class ChatRunner:
+class ChatResponder:
     """The event handler behind Send: one round, streamed; closing it (Stop) aborts the engine request."""
 
     def __init__(self, chat: ChatServing, use_knowledge: bool = False) -> None:
@@ -133,7 +133,7 @@ def _page_error(exc: Exception) -> gr.Error:
 
 
 def build_chat_panel(
-    runner: ChatRunner, controls: ParameterControls, prefix: str, placeholder: str
+    responder: ChatResponder, controls: ParameterControls, prefix: str, placeholder: str
 ) -> gr.Chatbot:
     """Lay out one chat and wire its events; `prefix` makes the element ids unique on the page."""
     chatbot = gr.Chatbot(
@@ -167,8 +167,8 @@ def build_chat_panel(
         "show_progress": "hidden",
         "api_visibility": "private",
     }
-    by_click = send.click(runner.respond, **common)
-    by_enter = box.submit(runner.respond, **common)
+    by_click = send.click(responder.respond, **common)
+    by_enter = box.submit(responder.respond, **common)
     running: list[Any] = [by_click, by_enter]  # gradio annotates `cancels` as dicts; it takes these
     stop.click(None, cancels=running, api_visibility="private")
     clear.click(_cleared, outputs=[box, chatbot, stats], cancels=running, api_visibility="private")

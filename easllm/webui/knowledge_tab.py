@@ -18,7 +18,7 @@ from easllm.errors import InvalidRequest
 from easllm.rag.knowledge import FileNotInKnowledgeBase, IngestProgress, KnowledgeBase
 from easllm.rag.loaders import KINDS
 from easllm.serving.chat import ChatServing
-from easllm.webui.chat_tab import ChatRunner, ParameterControls, build_chat_panel
+from easllm.webui.chat_tab import ChatResponder, ParameterControls, build_chat_panel
 from easllm.webui.messages import FILE_COLUMNS, file_rows, md_escape, plural
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,6 @@ def build_knowledge_tab(
         concurrency_id="kb-write",
         api_visibility="private",
     )
-    runner = ChatRunner(chat, use_knowledge=True)
-    build_chat_panel(runner, controls, "kb", "Ask a question about the indexed files…")
+    responder = ChatResponder(chat, use_knowledge=True)
+    build_chat_panel(responder, controls, "kb", "Ask a question about the indexed files…")
     return table, chosen, status, actions

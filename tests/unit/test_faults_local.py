@@ -23,7 +23,7 @@ from easllm.config import SamplingDefaults, ServerConfig
 from easllm.engine.backends.fake import FakeEngine
 from easllm.engine.types import GenerationRequest, SamplingParams
 from easllm.errors import InvalidRequest, NotReady, TooLarge
-from easllm.history.export import HistoryExporter, period_name
+from easllm.export.exporter import HistoryExporter, period_name
 from easllm.rag import loaders
 from easllm.rag.loaders import load_document
 from easllm.rag.sql_schema import open_engine
@@ -172,7 +172,7 @@ def test_a_dead_exports_temporary_is_removed_at_the_next_start(tmp_path: Path) -
     export.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
     dead_pid = int(dead.stdout)
-    from easllm.history import export as export_module
+    from easllm.export import exporter as export_module
 
     host = export_module._HOST
     name = period_name(time.time() - 7200, time.time() - 3600)

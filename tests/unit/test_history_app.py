@@ -16,8 +16,8 @@ from easllm.chat.template import Conversation
 from easllm.config import SamplingDefaults, ServerConfig
 from easllm.engine.backends.fake import FakeEngine
 from easllm.engine.types import FinishReason, GenerationRequest, SamplingParams, TokenDelta, Usage
-from easllm.history.export import HistoryExporter
-from easllm.history.record import conversation_from_messages
+from easllm.export.exporter import HistoryExporter
+from easllm.export.record import conversation_from_messages
 from easllm.rag.splitter import Chunk
 from easllm.rag.store import Hit
 from easllm.server.metrics import ServiceMetrics

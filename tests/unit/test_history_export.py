@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from easllm.history import wal as wal_module
-from easllm.history.export import HistoryExporter, period_name
-from easllm.history.wal import WalFile, complete_length, recover
+from easllm.export import wal as wal_module
+from easllm.export.exporter import HistoryExporter, period_name
+from easllm.export.wal import WalFile, complete_length, recover
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z, a multiple of every interval used here
 

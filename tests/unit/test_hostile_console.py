@@ -26,7 +26,7 @@ from easllm.control.routing import ReplicaState, ServiceRoute
 from easllm.control.runtimes.processes import replica_env
 from easllm.control.spec import parse_spec
 from easllm.errors import InvalidRequest
-from easllm.history.export import HistoryExporter
+from easllm.export.exporter import HistoryExporter
 from tests.browser import serve_in_thread
 
 ADMIN = "admin-hostile-1"

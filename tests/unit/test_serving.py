@@ -15,7 +15,7 @@ from easllm.chat.template import Conversation
 from easllm.engine.backends.fake import FakeEngine
 from easllm.engine.types import FinishReason, SamplingParams
 from easllm.errors import InvalidRequest
-from easllm.history.export import HistoryExporter
+from easllm.export.exporter import HistoryExporter
 from easllm.rag.store import Chunk, Hit
 from easllm.server.metrics import ServiceMetrics
 from easllm.serving.caller import Caller, RequestInfo

@@ -21,7 +21,7 @@ from easllm.rag.embedder import SharedEmbedder
 from easllm.rag.knowledge import KnowledgeBase
 from easllm.serving.chat import ChatServing
 from easllm.webui.app import model_banner
-from easllm.webui.chat_tab import ChatRunner
+from easllm.webui.chat_tab import ChatResponder
 from easllm.webui.knowledge_tab import KnowledgeActions
 from tests.apps import serving
 
@@ -147,8 +147,8 @@ def knowledge(tmp_path: Path) -> KnowledgeBase:
     )
 
 
-async def send(runner: ChatRunner, message: str, chat: list, max_new_tokens: int = 12) -> list:
-    states = [u async for u in runner.respond(message, chat, "Be brief.", max_new_tokens, 0.0, 1.0, 0)]
+async def send(responder: ChatResponder, message: str, chat: list, max_new_tokens: int = 12) -> list:
+    states = [u async for u in responder.respond(message, chat, "Be brief.", max_new_tokens, 0.0, 1.0, 0)]
     assert states[0][:2] == (
         "",
         [*chat, {"role": "user", "content": message}, {"role": "assistant", "content": ""}],
@@ -159,8 +159,8 @@ async def send(runner: ChatRunner, message: str, chat: list, max_new_tokens: int
 async def test_an_answer_streams_in_and_the_next_round_sees_the_first(
     engine: FakeEngine, tmp_path: Path
 ) -> None:
-    runner = ChatRunner(ChatServing(engine, max_round=5))
-    states = await send(runner, "Hello there", [])
+    responder = ChatResponder(ChatServing(engine, max_round=5))
+    states = await send(responder, "Hello there", [])
     answers = [s[1][-1]["content"] for s in states]
     assert len(set(answers)) >= 3  # empty, partial..., complete
     assert all(b.startswith(a) for a, b in itertools.pairwise(answers))
@@ -168,7 +168,7 @@ async def test_an_answer_streams_in_and_the_next_round_sees_the_first(
     assert box == "" and chat[-1]["content"].startswith("You said: Hello there. alpha beta")
     assert stats.startswith("12 tokens in") and "stopped at max new tokens" in stats
 
-    await send(runner, "And again", chat)
+    await send(responder, "And again", chat)
     prompt = engine.detokenize(engine.requests[-1].prompt_token_ids)
     assert "Be brief." in prompt and "Hello there" in prompt and chat[-1]["content"] in prompt
     assert prompt.rstrip().endswith("And again<|im_end|>\n<|im_start|>assistant")
@@ -176,8 +176,8 @@ async def test_an_answer_streams_in_and_the_next_round_sees_the_first(
 
 async def test_closing_the_stream_aborts_the_engine_request(engine: FakeEngine) -> None:
     """What Stop does: Gradio closes the handler's generator; the engine request must end too."""
-    runner = ChatRunner(ChatServing(engine, max_round=5))
-    stream = runner.respond("long one", [], "", 2000, 0.0, 1.0, 0)
+    responder = ChatResponder(ChatServing(engine, max_round=5))
+    stream = responder.respond("long one", [], "", 2000, 0.0, 1.0, 0)
     for _ in range(4):
         await anext(stream)
     assert engine.health().running == 1
@@ -190,14 +190,14 @@ async def test_closing_the_stream_aborts_the_engine_request(engine: FakeEngine) 
 
 
 async def test_chat_errors_are_raised_for_the_page(engine: FakeEngine, tmp_path: Path) -> None:
-    runner = ChatRunner(ChatServing(engine, max_round=5))
+    responder = ChatResponder(ChatServing(engine, max_round=5))
     with pytest.raises(gr.Error, match="Type a message"):
-        await anext(runner.respond("   ", [], "", 8, 0.0, 1.0, 0))
+        await anext(responder.respond("   ", [], "", 8, 0.0, 1.0, 0))
     with pytest.raises(gr.Error, match=r"the prompt is 5051 tokens; the model's context is 4096"):
-        await anext(runner.respond("x" * 5000, [], "", 8, 0.0, 1.0, 0))
-    kb_runner = ChatRunner(ChatServing(engine, 5, knowledge=knowledge(tmp_path)), use_knowledge=True)
+        await anext(responder.respond("x" * 5000, [], "", 8, 0.0, 1.0, 0))
+    kb_responder = ChatResponder(ChatServing(engine, 5, knowledge=knowledge(tmp_path)), use_knowledge=True)
     with pytest.raises(gr.Error, match="knowledge base is empty"):
-        await anext(kb_runner.respond("What is in it?", [], "", 8, 0.0, 1.0, 0))
+        await anext(kb_responder.respond("What is in it?", [], "", 8, 0.0, 1.0, 0))
     assert engine.requests == []  # nothing reached the engine
 
 
@@ -225,8 +225,9 @@ async def test_index_reports_each_file_and_the_grounded_answer_lists_sources(
     assert status.rstrip().endswith("1 file, 1 chunk indexed (embedder multilingual-e5-small).")
     assert [r[0] for r in rows] == ["install.md"] and choices["choices"] == ["install.md"]
 
-    runner = ChatRunner(ChatServing(engine, 5, knowledge=kb), use_knowledge=True)
-    states = [u async for u in runner.respond("How do I install deepspeed? [eos]", [], "", 64, 0.0, 1.0, 0)]
+    responder = ChatResponder(ChatServing(engine, 5, knowledge=kb), use_knowledge=True)
+    ask = responder.respond("How do I install deepspeed? [eos]", [], "", 64, 0.0, 1.0, 0)
+    states = [u async for u in ask]
     chat = states[-1][1]
     assert chat[-1]["metadata"]["title"] == "Sources: install.md"
     assert "pip install deepspeed==0.14.2" in chat[-1]["content"]
@@ -268,9 +269,9 @@ async def test_rounds_go_through_the_services_round_hook_with_the_browser_sessio
             seen[-1].update(session=caller.session, client=caller.client)
             return deltas
 
-    runner = ChatRunner(ChatServing(engine, max_round=5, observer=Hook()))  # type: ignore[arg-type]
+    responder = ChatResponder(ChatServing(engine, max_round=5, observer=Hook()))  # type: ignore[arg-type]
     browser = SimpleNamespace(session_hash="sess-1", client=SimpleNamespace(host="10.0.0.9"))
-    states = [u async for u in runner.respond("Hi [eos]", [], "", 8, 0.0, 1.0, 0, browser)]  # type: ignore[arg-type]
+    states = [u async for u in responder.respond("Hi [eos]", [], "", 8, 0.0, 1.0, 0, browser)]  # type: ignore[arg-type]
     assert states[-1][1][-1]["content"] == "You said: Hi [eos]."
     assert seen == [
         {

@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from easllm.history.wal import CHUNK, WalFile, complete_length, recover
+from easllm.export.wal import CHUNK, WalFile, complete_length, recover
 from easllm.private_files import open_private
 
 log = logging.getLogger(__name__)
