@@ -139,7 +139,9 @@ async def predict(request: Request, service: str, path: str = "") -> Response:
     headers = [
         (k, v)
         for k, v in request.headers.items()
-        if k.lower() not in HOP_BY_HOP and k.lower().replace("-", "_") != SERVE_AFFINITY_HEADER
+        if k.lower() not in HOP_BY_HOP
+        and not k.lower().startswith("x-forwarded-")  # the gateway's own, below, are the ones replicas trust
+        and k.lower().replace("-", "_") != SERVE_AFFINITY_HEADER
     ]
     if body is None and declared.isdigit():  # streamed: the replica still sees the size up front
         headers.append(("content-length", declared))
@@ -314,7 +316,11 @@ async def _connect_upstream(
         try:
             upstream = await connect(
                 url,
-                additional_headers={"Authorization": route.token},
+                additional_headers={
+                    "Authorization": route.token,
+                    # the client's own address, so a replica's per-client limits see each client
+                    "X-Forwarded-For": websocket.client.host if websocket.client else "",
+                },
                 subprotocols=protocols or None,  # type: ignore[arg-type]
                 open_timeout=10,
                 max_size=None,
