@@ -24,6 +24,7 @@ from easllm.logs import redact_secrets
 from easllm.server.auth import serve_openapi
 from easllm.server.browser import BrowserGuard
 from easllm.server.errors import error_response, install_error_handlers
+from easllm.server.abuse import AbuseThrottle, RefusalBudget
 from easllm.server.limits import RequestLimits
 from easllm.server.lockout import FailedTokens
 
@@ -77,6 +78,10 @@ def create_console_app(config: ConsoleConfig, registry: Registry | None = None) 
     app.add_middleware(
         BrowserGuard, bind_host=config.host, allowed_hosts=(public_host,) if public_host else ()
     )
+    # Outermost: a client whose requests (its services' answers included) keep being refused waits
+    # here, before it holds a connection slot or reaches a replica.
+    app.state.refusals = RefusalBudget.from_config(limits.limits)
+    app.add_middleware(AbuseThrottle, budget=app.state.refusals)
     app.state.failed_tokens = FailedTokens()
     install_error_handlers(app)
     serve_openapi(app, api.require_admin)

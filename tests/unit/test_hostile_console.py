@@ -101,6 +101,16 @@ def test_deep_json_to_the_console_api_is_a_400(console: TestClient) -> None:
     assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
 
 
+def test_a_client_whose_requests_keep_being_refused_waits_at_the_console(console: TestClient) -> None:
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    budget = console.app.state.refusals  # type: ignore[attr-defined]
+    for _ in range(10):  # 404s for a service that does not exist
+        assert console.post("/api/predict/nope/", json={}, headers=admin).status_code == 404
+    assert budget.tokens("testclient") < budget.burst - 5  # each refusal drained its bucket
+    assert len(budget) == 1 and budget.tokens("10.0.0.2") == budget.burst  # nobody else has one
+    assert console.get("/api/services", headers=admin).status_code == 200  # still served
+
+
 def test_the_console_refuses_foreign_hosts_and_foreign_pages(console: TestClient) -> None:
     admin = {"Authorization": f"Bearer {ADMIN}"}
     assert console.get("/api/services", headers={**admin, "Host": "evil.example"}).status_code == 403
