@@ -21,10 +21,10 @@ from easllm.control.controller import Controller
 from easllm.control.registry import Registry, UnknownService
 from easllm.control.routing import RoutingTable
 from easllm.logs import redact_secrets
+from easllm.server.abuse import AbuseThrottle, RefusalBudget
 from easllm.server.auth import serve_openapi
 from easllm.server.browser import BrowserGuard
 from easllm.server.errors import error_response, install_error_handlers
-from easllm.server.abuse import AbuseThrottle, RefusalBudget
 from easllm.server.limits import RequestLimits
 from easllm.server.lockout import FailedTokens
 
