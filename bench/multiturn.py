@@ -46,7 +46,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.peers import PeerUnavailable, llama_server_binary
-from bench.serving import process_server
+from bench.serving import process_server, together
 from easllm.config import easllm_home
 from easllm.models.bundled import bundled_model, ensure_bundled
 from tests.servers import running_server
@@ -175,14 +175,7 @@ def conversations(url: str, system: str, c: int, rounds: int, max_tokens: int, a
             with lock:
                 result.rounds[r].append(turn)
 
-    threads = [threading.Thread(target=talk, args=(k,)) for k in range(c)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    result.wall = time.perf_counter() - t0
+    result.wall = together(start, [threading.Thread(target=talk, args=(k,)) for k in range(c)])
     return result
 
 

@@ -165,6 +165,7 @@ def concurrently(stream: Stream, jobs: list[Job]) -> Run:
 
     def client(job: Job) -> None:
         start.wait()
+        released = time.perf_counter()  # every client is released at once: the TTFT clock
         first, count = None, None
         try:
             for n, text in stream(job):
@@ -178,17 +179,22 @@ def concurrently(stream: Stream, jobs: list[Job]) -> Run:
                 run.errors += 1
             else:
                 run.tokens += count
-                run.ttfts.append(first - t0)
+                run.ttfts.append(first - released)
 
-    threads = [threading.Thread(target=client, args=(job,)) for job in jobs]
+    run.wall = together(start, [threading.Thread(target=client, args=(job,)) for job in jobs])
+    return run
+
+
+def together(start: threading.Barrier, threads: list[threading.Thread]) -> float:
+    """Start the threads, release them at once through `start` (sized len(threads) + 1), and
+    return the seconds from their release until the last one ends."""
     for t in threads:
         t.start()
     start.wait()
     t0 = time.perf_counter()
     for t in threads:
         t.join()
-    run.wall = time.perf_counter() - t0
-    return run
+    return time.perf_counter() - t0
 
 
 class Reference:
