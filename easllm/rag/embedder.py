@@ -71,7 +71,9 @@ class E5Embedder:
 
                 from easllm.rag.e5_torch import TorchE5
 
-                engines = [TorchE5(model_path)]
+                model = TorchE5(model_path)
+                model.encode(["warm up"], True)  # a runtime that loads but cannot run falls back too
+                engines = [model]
                 omp = _openmp(Path(torch.__file__).resolve().parent / "lib")
             except Exception as exc:
                 if runtime == "torch":
