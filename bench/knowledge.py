@@ -155,6 +155,7 @@ def ingest_compare(text: bytes, config: KnowledgeConfig, rounds: int = 3) -> Non
         rows.append((f"{runtime}, {cores} workers x 1 thread", E5Embedder(cores, runtime), new_batch, False))
     rates: dict[str, list[float]] = {row[0]: [] for row in rows}
     cpu: dict[str, list[float]] = {row[0]: [] for row in rows}  # CPU s per chunk: spinning shows here
+    query_s: dict[str, list[float]] = {row[0]: [] for row in rows}
 
     def ingest(kb: KnowledgeBase) -> int:
         return kb.add_file("corpus.txt", text).chunks
@@ -170,15 +171,26 @@ def ingest_compare(text: bytes, config: KnowledgeConfig, rounds: int = 3) -> Non
                 chunks = single.submit(ingest, kb).result() if one_thread else ingest(kb)
                 rates[label].append(chunks / (time.perf_counter() - start))
                 cpu[label].append((time.process_time() - cpu_start) / chunks)
+        for question in queries(30):  # one text a call: latency, every row in turn
+            for label, embedder, _, one_thread in rows:
+                start = time.perf_counter()
+                if one_thread:
+                    single.submit(embedder.embed_queries, [question]).result()
+                else:
+                    embedder.embed_queries([question])
+                query_s[label].append(time.perf_counter() - start)
     knowledge_module.EMBED_BATCH = new_batch
     single.shutdown()
     base = statistics.median(rates["first version"])
     print(f"load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; {cores} cores")
-    print("| e5 ingestion | passages per call | chunks/s | CPU ms per chunk | x first version |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        "| e5 ingestion | passages per call | chunks/s | CPU ms per chunk | x first version | query p50 ms |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
     for label, _, batch, _ in rows:
         rate, cost = statistics.median(rates[label]), statistics.median(cpu[label]) * 1000
-        print(f"| {label} | {batch} | {rate:.1f} | {cost:.0f} | {rate / base:.2f}x |")
+        query_ms = statistics.median(query_s[label]) * 1000
+        print(f"| {label} | {batch} | {rate:.1f} | {cost:.0f} | {rate / base:.2f}x | {query_ms:.1f} |")
 
 
 def main() -> int:
