@@ -14,6 +14,7 @@ over the pieces with e5.c's tie rule: the first best path found wins), tested ag
 from __future__ import annotations
 
 import struct
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,8 +59,14 @@ class E5Tokenizer:
         # float32 scores, summed in float32 like e5.c's `best[]`, so near-ties break the same way
         self._scores = [float(s) for s in scores.astype(np.float32)]
         self._unk_score = float(np.float32(scores.min()) - np.float32(10.0))
-        self._max_bytes = max((len(p) for p in pieces), default=1)
         self._norm = str.maketrans(norm)
+        # Bounds that skip only lookups which cannot match (e5.c tries every span up to the longest
+        # piece's bytes): the longest piece starting with each character, and, where no piece holds
+        # a metaspace after its first character, the next metaspace (a word's end).
+        self._longest: dict[str, int] = {}
+        for text in self._ids:
+            self._longest[text[0]] = max(self._longest.get(text[0], 0), len(text))
+        self._words = not any(META in text[1:] for text in self._ids)
 
     def content_ids(self, text: str) -> list[int]:
         """Token ids of `text` without <s> and </s> (e5.c's tok_content)."""
@@ -76,30 +83,31 @@ class E5Tokenizer:
 
     def _viterbi(self, chars: list[str]) -> list[int]:
         n = len(chars)
-        widths = [len(ch.encode("utf-8")) for ch in chars]
-        f32 = np.float32
+        text = "".join(chars)  # one code point a character: text[i:e] is chars i..e-1
+        ends = [n] * (n + 1)  # where the word at i ends: the next metaspace after i
+        if self._words:
+            for i in range(n - 1, 0, -1):
+                ends[i - 1] = i if chars[i] == META else ends[i]
+        # float32 sums like e5.c's: the exact double sum of two float32 values, rounded to float32
+        f32 = array("f", [0.0])
         best = [-1e30] * (n + 1)
         best[0] = 0.0
         back = [0] * (n + 1)  # piece id, -1 for an unknown character
         start = [0] * (n + 1)
-        ids, scores, limit = self._ids, self._scores, self._max_bytes
+        ids, scores, longest, unk = self._ids, self._scores, self._longest, self.unk
         for i in range(n):
             here = best[i]
             if here <= -1e29:
                 continue
-            size = 0
-            piece = ""
-            for e in range(i + 1, n + 1):
-                size += widths[e - 1]
-                if size > limit:
-                    break
-                piece += chars[e - 1]
-                idx = ids.get(piece)
-                if idx is not None and idx != self.unk:
-                    score = float(f32(here) + f32(scores[idx]))
+            for e in range(i + 1, min(i + longest.get(chars[i], 0), ends[i]) + 1):
+                idx = ids.get(text[i:e])
+                if idx is not None and idx != unk:
+                    f32[0] = here + scores[idx]
+                    score = f32[0]
                     if score > best[e]:
                         best[e], back[e], start[e] = score, idx, i
-            unknown = float(f32(here) + f32(self._unk_score))
+            f32[0] = here + self._unk_score
+            unknown = f32[0]
             if unknown > best[i + 1]:
                 best[i + 1], back[i + 1], start[i + 1] = unknown, -1, i
         out: list[int] = []
