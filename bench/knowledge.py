@@ -160,7 +160,10 @@ def ingest_compare(text: bytes, config: KnowledgeConfig, rounds: int = 3) -> Non
                 chunks = single.submit(ingest, kb).result() if one_thread else ingest(kb)
                 rates[label].append(chunks / (time.perf_counter() - start))
                 cpu[label].append((time.process_time() - cpu_start) / chunks)
-        for question in queries(30):  # one text a call: latency, every row in turn
+        # one text a call, every row in turn. The rows share this process, so one runtime's OpenMP
+        # threads still spinning after its call slow the next row's: as served (one runtime a
+        # process), compare the runtimes in separate processes.
+        for question in queries(30):
             for label, embedder, _, one_thread in rows:
                 start = time.perf_counter()
                 if one_thread:
