@@ -187,4 +187,5 @@ class E5File:
         blocks = table[rows].reshape(-1)
         low, high = blocks["qs"] & 0x0F, blocks["qs"] >> 4
         nibbles = np.concatenate([low, high], axis=1).astype(np.float32) - 8.0
-        return (nibbles * blocks["d"].astype(np.float32)[:, None]).reshape(len(rows), cols)
+        weights: np.ndarray = (nibbles * blocks["d"].astype(np.float32)[:, None]).reshape(len(rows), cols)
+        return weights

