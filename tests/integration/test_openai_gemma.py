@@ -143,6 +143,7 @@ def test_embeddings_with_the_sdk(client: openai.OpenAI) -> None:
     paraphrase, unrelated = vectors[0] @ vectors[1], vectors[0] @ vectors[2]
     assert paraphrase > unrelated + 0.05
     floats = client.embeddings.create(model="x", input=texts[0], encoding_format="float").data[0].embedding
-    assert np.allclose(floats, vectors[0], atol=1e-6)
+    # the same vector either way, up to bf16 rounding (a text alone is not padded as in a batch of three)
+    assert np.allclose(floats, vectors[0], atol=5e-3) and float(np.dot(floats, vectors[0])) > 0.9999
     with pytest.raises(openai.BadRequestError):
         client.embeddings.create(model="x", input=[[101, 2023]])
