@@ -1,6 +1,6 @@
 """`easllm serve`, `easllm pull`, `easllm models`, `easllm kb` and the console's commands.
 
-The serve flags and their mapping onto the config dataclasses live in `serve_flags.py`.
+The serve flags live in `serve_flags.py`, their mapping onto the config dataclasses in `serve_config.py`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import logging
 
 from easllm import __version__
 from easllm.engine.factory import ENGINES
-from easllm.serve_flags import add_pull_flags, add_serve_flags, configs_from
+from easllm.serve_config import configs_from
+from easllm.serve_flags import add_pull_flags, add_serve_flags
 
 __all__ = ["build_parser", "configs_from", "main"]
 

@@ -13,9 +13,9 @@ from typing import Any
 
 from easllm.config import easllm_home
 from easllm.control.progress import print_invocation, pull_line, wait_for_version
+from easllm.logs import LOG_LEVELS
 
 COMMANDS = ("console", "deploy", "list", "describe", "update", "stop", "start", "delete", "logs")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def add_console_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

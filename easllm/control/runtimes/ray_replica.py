@@ -28,7 +28,8 @@ def build_service_app(argv: list[str], token: str | None) -> Any:
     from easllm.engine.factory import build_engine
     from easllm.logs import configure_logging
     from easllm.models.resolve import resolve_configured
-    from easllm.serve_flags import configs_from, serve_parser
+    from easllm.serve_config import configs_from
+    from easllm.serve_flags import serve_parser
 
     server, engine_config = configs_from(serve_parser().parse_args(argv))
     server = replace(server, token=token or None)
