@@ -18,14 +18,13 @@ preflight, which only `--cors-origin` answers.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from easllm.server.errors import error_body
+from easllm.server.limits import send_error
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +119,4 @@ async def _refuse(scope: Scope, send: Send, message: str, param: str) -> None:
         await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
         return
     prefix = "websocket." if scope["type"] == "websocket" else ""
-    body = json.dumps(error_body(403, message, param)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": f"{prefix}http.response.start", "status": 403, "headers": headers})
-    await send({"type": f"{prefix}http.response.body", "body": body})
+    await send_error(send, 403, message, param, prefix=prefix)
