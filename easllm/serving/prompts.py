@@ -15,7 +15,7 @@ from easllm.engine.base import Engine
 from easllm.engine.types import GenerationRequest, SamplingParams
 from easllm.errors import InvalidRequest, NotReady
 from easllm.export.record import conversation_from_messages
-from easllm.rag.grounding import grounded_completion, grounded_question, grounded_system
+from easllm.rag.grounding import grounded_completion, grounded_system
 from easllm.serving.tools import ChatTools, tool_prompt
 
 if TYPE_CHECKING:
@@ -132,7 +132,10 @@ class Prompts:
         hits = self.retrieve(question)
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         rest = [m for m in messages if m["role"] != "system"]
-        grounded: Message = {"role": "system", "content": grounded_system(system, hits)}
+        grounded: Message = {
+            "role": "system",
+            "content": grounded_system(system, hits, question, with_tools=True),
+        }
         return [grounded, *rest], _sources(hits)
 
     def _grounded(
@@ -143,7 +146,8 @@ class Prompts:
         max_round: int,
         hits: list[Hit],
     ) -> Prepared:
-        """Excerpts with the question; the lowest-scoring excerpts go first when the context is short."""
+        """The excerpts in the system part, the question as asked; the lowest-scoring excerpts go
+        first when the context is short."""
         builder = self.builder
         raw = builder.no_template_default if no_template is None else no_template or builder.template is None
         room = min(sampling.max_new_tokens, RAG_ANSWER_ROOM)
@@ -152,7 +156,7 @@ class Prompts:
             if raw:
                 grounded = Conversation(grounded_completion(conv.prompt, used, conv.system_prompt))
             else:
-                grounded = replace(conv, prompt=grounded_question(conv.prompt, used))
+                grounded = replace(conv, system_prompt=grounded_system(conv.system_prompt, used, conv.prompt))
             try:
                 built = builder.build(
                     grounded, max_round=max_round, max_new_tokens=sampling.max_new_tokens, no_template=raw

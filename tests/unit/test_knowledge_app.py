@@ -260,9 +260,12 @@ def test_langchain_answer_is_grounded_and_carries_sources(client: TestClient, en
     assert set(sources[0]) == {"source", "content", "score", "page", "heading"}
     assert len(sources) == 3  # --kb-top-k default
     prompt = prompt_text(engine)
-    assert "[1] (README.md, DeepSpeed quick start > Installation)" in prompt
-    assert "using only the numbered excerpts" in prompt and "Question: How do I install deepspeed?" in prompt
-    assert "<|im_start|>user\nhi<|im_end|>" in prompt  # history kept, ungrounded
+    system = prompt.index("<|im_start|>system\nAnswer the question using only the numbered excerpts")
+    excerpt = prompt.index("[1] (README.md, DeepSpeed quick start > Installation)")
+    history = prompt.index("<|im_start|>user\nhi<|im_end|>")  # history kept, ungrounded
+    question = prompt.index("<|im_start|>user\nHow do I install deepspeed? [eos]<|im_end|>")  # as asked
+    assert system < excerpt < history < question
+    assert "Question:" not in prompt
     assert data["history"][-1][0] == "How do I install deepspeed? [eos]"  # the user's words, not the prompt
 
 

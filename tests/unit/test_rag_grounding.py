@@ -1,6 +1,6 @@
 """The grounded prompt names the question's language, so that a small model answers in it."""
 
-from easllm.rag.grounding import grounded_completion, grounded_question, question_language
+from easllm.rag.grounding import grounded_completion, grounded_system, question_language
 from easllm.rag.splitter import Chunk
 from easllm.rag.store import Hit
 
@@ -15,10 +15,21 @@ def test_the_language_is_told_from_the_script() -> None:
 
 def test_a_japanese_question_is_told_to_be_answered_in_japanese() -> None:
     hits = [Hit(Chunk("page.txt", "モデルの展開には約5分かかります。", None, "LLMをEASにデプロイ"), 1.0, 0)]
-    prompt = grounded_question("デプロイにはどのくらいかかりますか？", hits)
-    assert "Answer in Japanese. 日本語で答えてください。" in prompt
-    assert "[1] (page.txt, LLMをEASにデプロイ)\nモデルの展開には約5分かかります。" in prompt
-    assert "请用中文回答" in grounded_question("部署需要多长时间？", hits)
-    assert "Answer in the language of the question." in grounded_question("How long?", hits)
+    system = grounded_system("", hits, "デプロイにはどのくらいかかりますか？")
+    assert system.startswith("Answer the question using only the numbered excerpts")
+    assert "Answer in Japanese. 日本語で答えてください。" in system
+    assert system.endswith("[1] (page.txt, LLMをEASにデプロイ)\nモデルの展開には約5分かかります。")
+    assert "请用中文回答" in grounded_system("", hits, "部署需要多长时间？")
+    assert "Answer in the language of the question." in grounded_system("", hits, "How long?")
     no_match = grounded_completion("デプロイ時間は？", [])
     assert "No excerpt" in no_match and "日本語で答えてください" in no_match
+    assert no_match.endswith("Question: デプロイ時間は？\n\nAnswer:")
+
+
+def test_the_deployments_system_prompt_comes_first_and_tools_get_their_own_instruction() -> None:
+    hits = [Hit(Chunk("page.txt", "Deploying takes about 5 minutes.", None, None), 1.0, 0)]
+    system = grounded_system("Be brief.", hits, "How long?")
+    assert system.startswith("Be brief.\n\nAnswer the question using only")
+    with_tools = grounded_system("Be brief.", hits, "How long?", with_tools=True)
+    assert with_tools.startswith("Be brief.\n\nAnswer using the numbered excerpts") and "the tools" in with_tools
+    assert "use the tools you are given" in grounded_system("", [], "How long?", with_tools=True)

@@ -231,7 +231,8 @@ async def test_index_reports_each_file_and_the_grounded_answer_lists_sources(
     chat = states[-1][1]
     assert chat[-1]["metadata"]["title"] == "Sources: install.md"
     assert "pip install deepspeed==0.14.2" in chat[-1]["content"]
-    assert "zephyr" in chat[-2]["content"]  # the fake engine echoes the grounded question
+    prompt = engine.detokenize(engine.requests[-1].prompt_token_ids)
+    assert "env zephyr" in prompt.split("<|im_start|>user", 1)[0]  # the excerpt, in the system part
 
     rows, choices, status = await actions.delete(["install.md", "ghost.md"])
     assert rows == [] and "**deleted** install.md" in status and "**not found** ghost.md" in status
