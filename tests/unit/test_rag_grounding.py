@@ -31,5 +31,6 @@ def test_the_deployments_system_prompt_comes_first_and_tools_get_their_own_instr
     system = grounded_system("Be brief.", hits, "How long?")
     assert system.startswith("Be brief.\n\nAnswer the question using only")
     with_tools = grounded_system("Be brief.", hits, "How long?", with_tools=True)
-    assert with_tools.startswith("Be brief.\n\nAnswer using the numbered excerpts") and "the tools" in with_tools
+    assert with_tools.startswith("Be brief.\n\nAnswer using the numbered excerpts")
+    assert "the tools you are given" in with_tools
     assert "use the tools you are given" in grounded_system("", [], "How long?", with_tools=True)
