@@ -3,6 +3,7 @@
 One module for the CLI, the console (which checks a spec's extra serve flags against them) and the
 Ray replica (which builds a service's app from them): none of them imports another to get these.
 `serve_config.py` turns the parsed flags into the config dataclasses; `flag_values.py` checks values.
+Each default is read from its config dataclass, so a default is written once.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import os
 from pathlib import Path
 
+from easllm.config import EngineConfig, KnowledgeConfig, LimitsConfig, SamplingDefaults, ServerConfig
 from easllm.engine.factory import ENGINES
 from easllm.flag_values import embedding_model, quantization, ranged, replica_name
 from easllm.logs import LOG_FORMATS, LOG_LEVELS
@@ -28,7 +30,7 @@ def add_pull_flags(p: argparse._ActionsContainer) -> None:
     p.add_argument(
         "--model-source",
         choices=("huggingface", "modelscope"),
-        default="huggingface",
+        default=EngineConfig.model_source,
         help="where named models are fetched from: the Hugging Face Hub (HF_ENDPOINT, HF_TOKEN) or "
         "ModelScope (default %(default)s)",
     )
@@ -40,7 +42,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model and engine")
     m.add_argument(
         "--model-path",
-        default="qwen2.5-0.5b-instruct",
+        default=EngineConfig.model_path,
         help="bundled name (qwen2.5-0.5b-instruct, gemma3-270m), catalog name, hub repository "
         "ORG/REPO[:QUANT], s3://bucket/prefix/, HF directory with config.json, or .gguf file; a "
         "remote model is pulled first when absent (default: %(default)s)",
@@ -62,7 +64,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument(
         "--ctx-size",
         type=ranged(int, 16),
-        default=8192,
+        default=EngineConfig.ctx_size,
         help="context window of one sequence in tokens, prompt plus answer (capped at the model's; "
         "default %(default)s)",
     )
@@ -70,7 +72,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument(
         "--max-queue",
         type=ranged(int, 1),
-        default=256,
+        default=EngineConfig.max_queue,
         help="requests waiting for the engine before 503 (default %(default)s)",
     )
     m.add_argument(
@@ -84,7 +86,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument(
         "--max-batch-tokens",
         type=ranged(int, 1),
-        default=512,
+        default=EngineConfig.max_batch_tokens,
         help="llama.cpp: tokens per forward pass, decode tokens plus prompt chunks (default %(default)s)",
     )
     m.add_argument(
@@ -103,25 +105,27 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument(
         "--omp-wait-policy",
         choices=("auto", "active", "passive"),
-        default="auto",
+        default=EngineConfig.omp_wait_policy,
         help="llama.cpp: OpenMP threads at barriers; auto: OpenMP's own default (or OMP_WAIT_POLICY), "
         "passive: on a machine shared with other busy processes",
     )
     m.add_argument(
         "--tensor-parallel-size",
         type=ranged(int, 1),
-        default=1,
+        default=EngineConfig.tensor_parallel_size,
         help="vLLM: GPUs one model is split over (default %(default)s)",
     )
     m.add_argument(
         "--gpu-memory-utilization",
         type=ranged(float, 0, 1, low_open=True),
-        default=0.9,
+        default=EngineConfig.gpu_memory_utilization,
         help="vLLM: share of each GPU's memory for weights and KV cache (default %(default)s)",
     )
     s = p.add_argument_group("server")
-    s.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s)")
-    s.add_argument("--port", type=ranged(int, 1, 65535), default=8000, help="port (default %(default)s)")
+    s.add_argument("--host", default=ServerConfig.host, help="bind address (default %(default)s)")
+    s.add_argument(
+        "--port", type=ranged(int, 1, 65535), default=ServerConfig.port, help="port (default %(default)s)"
+    )
     s.add_argument(
         "--token",
         default=os.environ.get("EASLLM_TOKEN"),
@@ -132,7 +136,11 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         type=Path,
         help="read the service token from this file (its first line), so it is not seen in `ps`",
     )
-    s.add_argument("--service-name", default="easllm", help="name of this service (logs, history export)")
+    s.add_argument(
+        "--service-name",
+        default=ServerConfig.service_name,
+        help="name of this service (logs, history export)",
+    )
     s.add_argument(
         "--replica-name",
         type=replica_name,
@@ -142,17 +150,17 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     )
     s.add_argument(
         "--root-path",
-        default="",
+        default=ServerConfig.root_path,
         help="path prefix a proxy serves this service under (e.g. /api/predict/NAME behind the console)",
     )
     ui = s.add_mutually_exclusive_group()
     ui.add_argument("--api-only", action="store_true", help="serve only the API, no WebUI")
     ui.add_argument("--no-api", action="store_true", help="serve only the WebUI, no API")
-    s.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
+    s.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=ServerConfig.log_level)
     s.add_argument(
         "--log-format",
         choices=LOG_FORMATS,
-        default="text",
+        default=ServerConfig.log_format,
         help="text lines, or one JSON object per line for log shippers (default %(default)s)",
     )
     s.add_argument(
@@ -164,18 +172,21 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-new-tokens",
         type=ranged(int, 1),
-        default=2048,
+        default=SamplingDefaults.max_new_tokens,
         help="default and upper limit of new tokens per answer (default %(default)s)",
     )
     g.add_argument(
-        "--temperature", type=ranged(float, 0, 2), default=0.95, help="0 = greedy (default %(default)s)"
+        "--temperature",
+        type=ranged(float, 0, 2),
+        default=SamplingDefaults.temperature,
+        help="0 = greedy (default %(default)s)",
     )
     g.add_argument(
         "--max_round",
         "--max-round",
         dest="max_round",
         type=ranged(int, 0),
-        default=5,
+        default=ServerConfig.max_round,
         help="history rounds kept in the prompt (default %(default)s)",
     )
     g.add_argument(
@@ -206,7 +217,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     k.add_argument(
         "--embedding-model",
         type=embedding_model,
-        default="multilingual-e5-small",
+        default=ServerConfig.embedding_model,
         help="embedder for the knowledge base and /v1/embeddings: multilingual-e5-small, all-minilm-l6-v2 "
         "or a sentence-transformers model folder (default %(default)s)",
     )
@@ -223,38 +234,38 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     k.add_argument(
         "--kb-chunk-size",
         type=ranged(int, 50),
-        default=500,
+        default=KnowledgeConfig.chunk_size,
         help="characters per knowledge-base chunk (default %(default)s)",
     )
     k.add_argument(
         "--kb-chunk-overlap",
         type=ranged(int, 0),
-        default=50,
+        default=KnowledgeConfig.chunk_overlap,
         help="characters neighbouring chunks share; less than the chunk size (default %(default)s)",
     )
     k.add_argument(
         "--kb-top-k",
         type=ranged(int, 1, 50),
-        default=3,
+        default=KnowledgeConfig.top_k,
         help="chunks given to the model per langchain question (default %(default)s)",
     )
     k.add_argument(
         "--kb-score-threshold",
         type=ranged(float, -1, 1),
-        default=0.0,
+        default=KnowledgeConfig.score_threshold,
         help="chunks whose cosine score is lower are not used (default %(default)s)",
     )
     k.add_argument(
         "--kb-retrieval",
         choices=["hybrid", "vector", "keyword"],
-        default="hybrid",
+        default=KnowledgeConfig.retrieval,
         help="how chunks are found: BM25 keywords and vectors fused by rank, or one of the two "
         "(default %(default)s)",
     )
     k.add_argument(
         "--kb-max-file-mb",
         type=ranged(float, 0, low_open=True),
-        default=50.0,
+        default=KnowledgeConfig.max_file_mb,
         help="largest file accepted for the knowledge base, in MB (default %(default)s)",
     )
     h = p.add_argument_group("history export")
@@ -267,41 +278,41 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     h.add_argument(
         "--export-interval",
         type=ranged(float, 0, low_open=True),
-        default=3600.0,
+        default=ServerConfig.export_interval,
         help="seconds per export period (default %(default)s)",
     )
     lim = p.add_argument_group("limits and security (beyond a limit: a clear 413 or 503, never a 500)")
     lim.add_argument(
         "--max-body-mb",
         type=ranged(float, 0, low_open=True),
-        default=16.0,
+        default=LimitsConfig.max_body_mb,
         help="largest HTTP request body and WebSocket message, in MB (knowledge uploads: "
         "--kb-max-file-mb per file; default %(default)s)",
     )
     lim.add_argument(
         "--max-upload-files",
         type=ranged(int, 1),
-        default=32,
+        default=LimitsConfig.max_upload_files,
         help="files per knowledge-base upload (default %(default)s)",
     )
     lim.add_argument(
         "--max-connections",
         type=ranged(int, 1),
-        default=512,
+        default=LimitsConfig.max_connections,
         help="HTTP requests in progress plus open WebSockets; one more gets 503 with Retry-After "
         "(probes excepted; default %(default)s)",
     )
     lim.add_argument(
         "--ws-max-pending",
         type=ranged(int, 1),
-        default=64,
+        default=LimitsConfig.ws_max_pending,
         help="messages one WebSocket may send ahead of its answers; one more closes it with 1008 "
         "(default %(default)s)",
     )
     lim.add_argument(
         "--abuse-rate",
         type=ranged(float, 0),
-        default=10.0,
+        default=LimitsConfig.abuse_rate,
         help="refused requests (4xx but 401 and 429) a client address may make a second, after "
         "--abuse-burst; beyond it its requests are delayed, then 429 with Retry-After "
         "(0 disables; default %(default)s)",
@@ -309,7 +320,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     lim.add_argument(
         "--abuse-burst",
         type=ranged(int, 0),
-        default=20,
+        default=LimitsConfig.abuse_burst,
         help="refused requests a client address may make at once before --abuse-rate applies "
         "(0 disables; default %(default)s)",
     )

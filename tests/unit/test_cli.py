@@ -1,6 +1,7 @@
 import pytest
 
 from easllm.cli import build_parser, configs_from
+from easllm.config import EngineConfig, ServerConfig
 
 
 def parse(*argv: str):
@@ -13,6 +14,12 @@ def test_defaults_match_the_spec() -> None:
     assert server.sampling.max_new_tokens == 2048 and server.sampling.temperature == 0.95
     assert server.sampling.top_k is None and server.sampling.top_p is None
     assert server.export_interval == 3600 and engine.model_path == "qwen2.5-0.5b-instruct"
+
+
+def test_no_flags_give_the_config_dataclasses_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EASLLM_TOKEN", raising=False)
+    monkeypatch.delenv("EASLLM_KB_DATABASE_URL", raising=False)
+    assert parse() == (ServerConfig(), EngineConfig())  # a default is written once, in config.py
 
 
 @pytest.mark.parametrize("flag", ["--max_round", "--max-round"])
