@@ -419,6 +419,9 @@ def test_logs_show_and_follow_the_replicas(console: ConsoleProcess) -> None:
     one = service["instances"][0]["id"]
     only_one = console.cli("logs", "logged", "--replica", str(one)).stdout.splitlines()
     assert only_one and all("[replica-" not in line for line in only_one), "one replica's log: no labels"
+    logs = list(console.state_dir.rglob("replica-*.log"))
+    assert len(logs) >= 2 and all(p.stat().st_mode & 0o777 == 0o600 for p in logs), logs
+    assert all(p.parent.stat().st_mode & 0o777 == 0o700 for p in logs)  # readable by the owner only
     follow = subprocess.Popen(
         [sys.executable, "-m", "easllm.cli", "logs", "logged", "-f", "--tail", "1", "--console", console.url,
          "--admin-token", ADMIN],

@@ -25,6 +25,7 @@ import httpx
 
 from easllm.control.routing import gateway_prefix
 from easllm.control.spec import ServiceSpec
+from easllm.private_files import private_dir, private_file
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,8 @@ class ProcessLauncher:
         port = port or free_port()
         cmd = serve_command(spec, port, data_dir, replica_name)
         env = replica_env(spec)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with log_path.open("ab") as out:
+        private_dir(log_path.parent)  # a replica's log holds its requests' errors: owner only
+        with private_file(log_path).open("ab") as out:
             stamp = datetime.now(UTC).isoformat(timespec="seconds")
             out.write(f"=== {stamp} easllm console: starting replica on port {port}\n".encode())
             out.flush()
