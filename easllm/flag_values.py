@@ -50,3 +50,8 @@ def quantization(text: str) -> str:
     if not QUANT_NAME.match(text):
         raise argparse.ArgumentTypeError(f"{text!r}: letters, digits, _ . - (at most 32), e.g. Q4_K_M")
     return text.upper()
+
+
+def host_names(values: list[str]) -> tuple[str, ...]:
+    """Repeated and comma-separated `--allowed-hosts` values -> one tuple of names."""
+    return tuple(h.strip() for value in values for h in value.split(",") if h.strip())

@@ -75,9 +75,8 @@ def create_console_app(config: ConsoleConfig, registry: Registry | None = None) 
     limits = ServerConfig(limits=LimitsConfig(max_connections=MAX_CONNECTIONS))
     app.add_middleware(RequestLimits, config=limits, path_of=gateway.service_path)
     public_host = urlsplit(config.public_url).netloc if config.public_url else ""
-    app.add_middleware(
-        BrowserGuard, bind_host=config.host, allowed_hosts=(public_host,) if public_host else ()
-    )
+    hosts = ((public_host,) if public_host else ()) + config.allowed_hosts
+    app.add_middleware(BrowserGuard, bind_host=config.host, allowed_hosts=hosts)
     # Outermost: a client whose requests (its services' answers included) keep being refused waits
     # here, before it holds a connection slot or reaches a replica.
     app.state.refusals = RefusalBudget.from_config(limits.limits)

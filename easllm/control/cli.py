@@ -40,6 +40,14 @@ def add_console_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
         "--public-url", default=None, help="how clients reach this port (shown as endpoints)"
     )
     console.add_argument(
+        "--allowed-hosts",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="a Host name a loopback-bound console answers besides localhost, 127.0.0.1, [::1] and "
+        "--public-url's (behind a proxy); repeatable or comma-separated; * turns the check off",
+    )
+    console.add_argument(
         "--keep-replicas",
         action="store_true",
         help="leave replicas running when the console exits; the next console reattaches",
@@ -223,6 +231,7 @@ def _console(args: argparse.Namespace) -> int:
 
     from easllm.control.app import create_console_app
     from easllm.control.config import ConsoleConfig, load_or_create_admin_token
+    from easllm.flag_values import host_names
 
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
@@ -242,6 +251,7 @@ def _console(args: argparse.Namespace) -> int:
         db_url=args.db,
         admin_token=admin,
         public_url=args.public_url,
+        allowed_hosts=host_names(args.allowed_hosts),
         keep_replicas=args.keep_replicas,
         health_interval=args.health_interval,
         max_failed_starts=args.max_failed_starts,

@@ -20,6 +20,7 @@ class ConsoleConfig:
     db_url: str | None = None  # default: SQLite at state_dir/console.db
     admin_token: str = ""
     public_url: str | None = None  # how clients reach the gateway; default http://host:port
+    allowed_hosts: tuple[str, ...] = ()  # Host names a loopback-bound console answers (its public URL's too)
     keep_replicas: bool = False  # leave replicas running when the console exits (reattach later)
     health_interval: float = 2.0  # seconds between health checks of a ready replica
     startup_timeout: float = 600.0  # a replica not ready by then is restarted

@@ -27,6 +27,7 @@ from easllm.control.runtimes.processes import replica_env
 from easllm.control.spec import parse_spec
 from easllm.errors import InvalidRequest
 from easllm.export.exporter import HistoryExporter
+from easllm.flag_values import host_names
 from tests.browser import serve_in_thread
 
 ADMIN = "admin-hostile-1"
@@ -120,6 +121,29 @@ def test_the_console_refuses_foreign_hosts_and_foreign_pages(console: TestClient
     with pytest.raises(WebSocketDenialResponse) as denied:
         console.websocket_connect("/api/predict/echo", headers={"Origin": "http://evil.example"}).__enter__()
     assert denied.value.status_code == 403
+
+
+def test_allowed_hosts_and_the_public_url_are_answered(tmp_path: Path) -> None:
+    registry = Registry(f"sqlite:///{tmp_path / 'console.db'}")
+    config = ConsoleConfig(
+        state_dir=tmp_path,
+        admin_token=ADMIN,
+        public_url="https://llm.example.com",
+        allowed_hosts=host_names(["console.internal, proxy.lan", "10.0.0.5:8080"]),
+    )
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with TestClient(create_console_app(config, registry), base_url="http://127.0.0.1:8080") as client:
+        for host in ("console.internal", "proxy.lan:8080", "10.0.0.5:8080", "llm.example.com", "localhost"):
+            assert client.get("/api/services", headers={**admin, "Host": host}).status_code == 200, host
+        r = client.get("/api/services", headers={**admin, "Host": "evil.example"})
+        assert r.status_code == 403 and r.json()["error"]["param"] == "host"
+    registry.close()
+
+
+def test_the_console_flag_reads_repeated_and_comma_separated_hosts() -> None:
+    argv = ["console", "--allowed-hosts", "a.lan,b.lan", "--allowed-hosts", " c.lan "]
+    args = build_parser().parse_args(argv)
+    assert host_names(args.allowed_hosts) == ("a.lan", "b.lan", "c.lan")
 
 
 def test_wrong_tokens_at_the_gateway_slow_down_the_admin_api_too(console: TestClient) -> None:
