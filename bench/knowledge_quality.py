@@ -64,6 +64,7 @@ def question(spec: dict[str, object], text: str) -> Question:
     """A question of the set; with `fact_pattern` (for a README whose text changes between
     releases: "requires Python 3.9+"), the excerpt is the pattern's match in the installed
     document and the fact its first group."""
+    spec = dict(spec)  # the loaded set stays as read
     pattern = spec.pop("fact_pattern", None)
     if isinstance(pattern, str):
         found = re.search(pattern, text)

@@ -52,6 +52,6 @@ def quantization(text: str) -> str:
     return text.upper()
 
 
-def host_names(values: list[str]) -> tuple[str, ...]:
-    """Repeated and comma-separated `--allowed-hosts` values -> one tuple of names."""
-    return tuple(h.strip() for value in values for h in value.split(",") if h.strip())
+def host_list(text: str) -> list[str]:
+    """One `--allowed-hosts` value: comma-separated names (`action="extend"` joins repeats)."""
+    return [h.strip() for h in text.split(",") if h.strip()]

@@ -12,7 +12,6 @@ from easllm.config import (
     ServerConfig,
     default_max_batch,
 )
-from easllm.flag_values import host_names
 
 
 def service_token(args: argparse.Namespace) -> str | None:
@@ -68,7 +67,7 @@ def configs_from(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
             abuse_burst=args.abuse_burst,
         ),
         cors_origins=tuple(args.cors_origin),
-        allowed_hosts=host_names(args.allowed_hosts),
+        allowed_hosts=tuple(args.allowed_hosts),
     )
     engine = EngineConfig(
         model_path=args.model_path,

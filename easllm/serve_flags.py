@@ -14,7 +14,7 @@ from pathlib import Path
 
 from easllm.config import EngineConfig, KnowledgeConfig, LimitsConfig, SamplingDefaults, ServerConfig
 from easllm.engine.factory import ENGINES
-from easllm.flag_values import embedding_model, quantization, ranged, replica_name
+from easllm.flag_values import embedding_model, host_list, quantization, ranged, replica_name
 from easllm.logs import LOG_FORMATS, LOG_LEVELS
 from easllm.tools.formats import FORMATS
 
@@ -33,6 +33,19 @@ def add_pull_flags(p: argparse._ActionsContainer) -> None:
         default=EngineConfig.model_source,
         help="where named models are fetched from: the Hugging Face Hub (HF_ENDPOINT, HF_TOKEN) or "
         "ModelScope (default %(default)s)",
+    )
+
+
+def add_allowed_hosts(p: argparse._ActionsContainer, who: str, also: str = "") -> None:
+    """`--allowed-hosts` of `easllm serve` and of the console: a list of names once parsed."""
+    p.add_argument(
+        "--allowed-hosts",
+        action="extend",
+        type=host_list,
+        default=[],
+        metavar="HOST",
+        help=f"a Host name a loopback-bound {who} answers besides localhost, 127.0.0.1, [::1]{also} "
+        "(behind a proxy); repeatable or comma-separated; * turns the check off",
     )
 
 
@@ -332,14 +345,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="a browser origin (e.g. https://app.example.com, or *) allowed to call the API from its "
         "pages; repeatable. Default: none, CORS closed",
     )
-    lim.add_argument(
-        "--allowed-hosts",
-        action="append",
-        default=[],
-        metavar="HOST",
-        help="a Host name a loopback-bound server answers besides localhost, 127.0.0.1 and [::1] "
-        "(behind a proxy); repeatable or comma-separated; * turns the check off",
-    )
+    add_allowed_hosts(lim, "server")
 
 
 def serve_parser() -> argparse.ArgumentParser:

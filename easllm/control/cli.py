@@ -9,11 +9,15 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from easllm.config import easllm_home
 from easllm.control.progress import print_invocation, pull_line, wait_for_version
 from easllm.logs import LOG_LEVELS
+from easllm.serve_flags import add_allowed_hosts
+
+if TYPE_CHECKING:
+    from easllm.control.config import ConsoleConfig
 
 COMMANDS = ("console", "deploy", "list", "describe", "update", "stop", "start", "delete", "logs")
 
@@ -39,14 +43,7 @@ def add_console_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
     console.add_argument(
         "--public-url", default=None, help="how clients reach this port (shown as endpoints)"
     )
-    console.add_argument(
-        "--allowed-hosts",
-        action="append",
-        default=[],
-        metavar="HOST",
-        help="a Host name a loopback-bound console answers besides localhost, 127.0.0.1, [::1] and "
-        "--public-url's (behind a proxy); repeatable or comma-separated; * turns the check off",
-    )
+    add_allowed_hosts(console, "console", also=" and --public-url's")
     console.add_argument(
         "--keep-replicas",
         action="store_true",
@@ -230,8 +227,6 @@ def _console(args: argparse.Namespace) -> int:
     import uvicorn
 
     from easllm.control.app import create_console_app
-    from easllm.control.config import ConsoleConfig, load_or_create_admin_token
-    from easllm.flag_values import host_names
 
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
@@ -242,16 +237,33 @@ def _console(args: argparse.Namespace) -> int:
     if not 1 <= args.max_failed_starts <= 1000:
         print("error (--max-failed-starts): must be between 1 and 1000", file=sys.stderr)
         return 2
+    config = console_config(args)
+    if not args.admin_token:
+        print(f"easllm console: admin token in {config.state_dir / 'console-admin-token'}", flush=True)
+    uvicorn.run(
+        create_console_app(config),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+def console_config(args: argparse.Namespace) -> ConsoleConfig:
+    """Parsed `easllm console` flags -> its config (the admin token generated when not given)."""
+    from easllm.control.config import ConsoleConfig, load_or_create_admin_token
+
     state_dir: Path = args.state_dir or easllm_home()
     admin = args.admin_token or load_or_create_admin_token(state_dir)
-    config = ConsoleConfig(
+    return ConsoleConfig(
         state_dir=state_dir,
         host=args.host,
         port=args.port,
         db_url=args.db,
         admin_token=admin,
         public_url=args.public_url,
-        allowed_hosts=host_names(args.allowed_hosts),
+        allowed_hosts=tuple(args.allowed_hosts),
         keep_replicas=args.keep_replicas,
         health_interval=args.health_interval,
         max_failed_starts=args.max_failed_starts,
@@ -263,16 +275,6 @@ def _console(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         ray_serve_port=args.ray_serve_port,
     )
-    if not args.admin_token:
-        print(f"easllm console: admin token in {state_dir / 'console-admin-token'}", flush=True)
-    uvicorn.run(
-        create_console_app(config),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level.lower(),
-        timeout_graceful_shutdown=5,
-    )
-    return 0
 
 
 def _deploy(client: Any, args: argparse.Namespace) -> int:

@@ -69,13 +69,10 @@ def grounded_system(
     """The system part of a RAG round: the deployment's system prompt, the instruction (in the
     question's language) and the excerpts. The user's messages and tool messages stay as they are."""
     head = f"{system_prompt.strip()}\n\n" if system_prompt.strip() else ""
-    if with_tools:
-        if not hits:
-            return f"{head}{NO_MATCH_WITH_TOOLS}"
-        return f"{head}{INSTRUCTION_WITH_TOOLS}\n\nExcerpts:\n\n{_excerpts(hits)}"
     if not hits:
-        return f"{head}{NO_MATCH} {answer_language(question)}"
-    return f"{head}{INSTRUCTION}{answer_language(question)}\n\nExcerpts:\n\n{_excerpts(hits)}"
+        return head + (NO_MATCH_WITH_TOOLS if with_tools else f"{NO_MATCH} {answer_language(question)}")
+    instruction = INSTRUCTION_WITH_TOOLS if with_tools else f"{INSTRUCTION}{answer_language(question)}"
+    return f"{head}{instruction}\n\nExcerpts:\n\n{_excerpts(hits)}"
 
 
 def _excerpts(hits: Sequence[Hit]) -> str:

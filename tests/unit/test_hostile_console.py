@@ -20,6 +20,7 @@ from starlette.testclient import WebSocketDenialResponse
 
 from easllm.cli import build_parser, configs_from
 from easllm.control.app import create_console_app
+from easllm.control.cli import console_config
 from easllm.control.config import ConsoleConfig
 from easllm.control.registry import Registry
 from easllm.control.routing import ReplicaState, ServiceRoute
@@ -27,7 +28,6 @@ from easllm.control.runtimes.processes import replica_env
 from easllm.control.spec import parse_spec
 from easllm.errors import InvalidRequest
 from easllm.export.exporter import HistoryExporter
-from easllm.flag_values import host_names
 from tests.browser import serve_in_thread
 
 ADMIN = "admin-hostile-1"
@@ -129,7 +129,7 @@ def test_allowed_hosts_and_the_public_url_are_answered(tmp_path: Path) -> None:
         state_dir=tmp_path,
         admin_token=ADMIN,
         public_url="https://llm.example.com",
-        allowed_hosts=host_names(["console.internal, proxy.lan", "10.0.0.5:8080"]),
+        allowed_hosts=("console.internal", "proxy.lan", "10.0.0.5:8080"),
     )
     admin = {"Authorization": f"Bearer {ADMIN}"}
     with TestClient(create_console_app(config, registry), base_url="http://127.0.0.1:8080") as client:
@@ -140,10 +140,11 @@ def test_allowed_hosts_and_the_public_url_are_answered(tmp_path: Path) -> None:
     registry.close()
 
 
-def test_the_console_flag_reads_repeated_and_comma_separated_hosts() -> None:
-    argv = ["console", "--allowed-hosts", "a.lan,b.lan", "--allowed-hosts", " c.lan "]
-    args = build_parser().parse_args(argv)
-    assert host_names(args.allowed_hosts) == ("a.lan", "b.lan", "c.lan")
+def test_the_console_flag_reads_repeated_and_comma_separated_hosts(tmp_path: Path) -> None:
+    hosts = ["--allowed-hosts", "a.lan,b.lan", "--allowed-hosts", " c.lan "]
+    argv = ["console", *hosts, "--state-dir", str(tmp_path), "--admin-token", ADMIN]
+    config = console_config(build_parser().parse_args(argv))
+    assert config.allowed_hosts == ("a.lan", "b.lan", "c.lan") and config.admin_token == ADMIN
 
 
 def test_wrong_tokens_at_the_gateway_slow_down_the_admin_api_too(console: TestClient) -> None:
